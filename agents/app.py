@@ -1,0 +1,124 @@
+"""The faust app and its ingest agent: batches of raw records in, offsets acked only after the store
+(or the dead-letter topic) confirmed them. faust's own ``take()`` acks in a ``finally``; we don't use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+
+from pipeline.decode import Record, Rejected
+from pipeline.errors import BrokerUnavailableError
+from pipeline.ingest import IngestService
+from pipeline.settings import Settings
+from schemas.dead_letter import DEAD_LETTER_HEADERS as H
+
+log = logging.getLogger(__name__)
+
+#: a dead letter that the dead-letter topic cannot hold whole keeps this many bytes of its value
+TRUNCATED_VALUE_BYTES = 64 * 1024
+
+
+def broker_urls(settings: Settings) -> list[str]:
+    return [f"kafka://{host.strip()}" for host in settings.kafka.bootstrap_servers.split(",") if host.strip()]
+
+
+def make_app(settings: Settings) -> faust.App:
+    k = settings.kafka
+    credentials: Any = None
+    if k.sasl_mechanism and k.sasl_username and k.sasl_password is not None:
+        credentials = faust.SASLCredentials(
+            username=k.sasl_username, password=k.sasl_password.get_secret_value(), mechanism=k.sasl_mechanism
+        )
+    return faust.App(
+        k.group_id,
+        broker=broker_urls(settings),
+        broker_credentials=credentials,
+        autodiscover=False,
+        web_enabled=False,
+        store="memory://",
+        topic_disable_leader=True,
+        topic_allow_declare=False,  # topics are created (or checked) by the worker before faust starts
+        topic_partitions=k.partitions,
+        topic_replication_factor=k.replication_factor,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        broker_commit_every=1000,
+        producer_max_request_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),
+        consumer_max_fetch_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),
+        stream_buffer_maxsize=max(settings.ingest.max_batch_events * 4, 1024),
+        producer_acks=-1,
+    )
+
+
+def to_record(event: Any) -> Record:
+    msg = event.message
+    headers = msg.headers or ()
+    if isinstance(headers, dict):
+        headers = tuple(headers.items())
+    ts = msg.timestamp
+    return Record(
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=event.key,
+        value=event.value,
+        timestamp_ms=int(ts * 1000) if ts else None,
+        headers=tuple((str(k), bytes(v) if v is not None else b"") for k, v in headers),
+    )
+
+
+class FaustDeadLetters:
+    """Produces dead letters with faust's producer and waits for the broker's acknowledgement."""
+
+    def __init__(self, app: faust.App, topic: str) -> None:
+        self.app = app
+        self.topic = topic
+
+    async def send(self, record: Record, rejected: Rejected) -> None:
+        headers = [
+            (H["source_topic"], record.topic.encode()),
+            (H["source_partition"], str(record.partition).encode()),
+            (H["source_offset"], str(record.offset).encode()),
+            (H["stage"], rejected.stage.value.encode()),
+            (H["reason"], rejected.reason.value.encode()),
+            (H["error"], rejected.message.encode("utf-8", "replace")[:2000]),
+        ]
+        if record.timestamp_ms is not None:
+            headers.append((H["source_timestamp_ms"], str(record.timestamp_ms).encode()))
+        value = record.value
+        try:
+            try:
+                await self.app.producer.send_and_wait(self.topic, record.key, value, None, None, headers)
+            except MessageSizeTooLargeError:
+                # keep the head of the value and its size rather than block the partition forever
+                size = len(value or b"")
+                headers.append(("vs-value-truncated-from-bytes", str(size).encode()))
+                await self.app.producer.send_and_wait(
+                    self.topic, record.key, (value or b"")[:TRUNCATED_VALUE_BYTES], None, None, headers
+                )
+        except KafkaError as exc:
+            raise BrokerUnavailableError(f"dead letter not confirmed by the broker: {exc!r}") from exc
+
+
+def install_ingest_agent(app: faust.App, settings: Settings, service: IngestService) -> Any:
+    documents = app.topic(settings.kafka.documents_topic, key_type=bytes, value_type=bytes,
+                          key_serializer="raw", value_serializer="raw")
+    cfg = settings.ingest
+
+    async def ingest(stream: Any) -> None:
+        # noack_take yields events and leaves acking to us: we ack only after handle() returned, i.e.
+        # after the store confirmed every write or the dead-letter topic every rejection
+        async for events in stream.noack_take(cfg.max_batch_events, within=cfg.max_batch_wait_seconds):
+            records = [to_record(e) for e in events]
+            report = await service.handle(records)
+            for event in events:
+                await stream.ack(event)
+            log.debug("batch of %d: %s", len(records), report)
+
+    return app.agent(documents, name="vectorstream.ingest", concurrency=1)(ingest)

@@ -1,0 +1,104 @@
+"""``vectorstream worker``: wires settings, model, store and the faust app together and runs them.
+
+Start-up refuses to run when the collection was built by another model or with another vector size,
+and creates the topics it needs (idempotently) before faust starts consuming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from pipeline import __version__
+from pipeline import metrics as m
+from pipeline.errors import ConfigurationError
+from pipeline.settings import Settings
+
+log = logging.getLogger("vectorstream.worker")
+
+#: the dead-letter topic holds whole rejected records, including oversize ones
+DLQ_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create the documents and dead-letter topics if they do not exist."""
+    k = settings.kafka
+    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(k.documents_topic, k.partitions, k.replication_factor),
+            NewTopic(k.dead_letter_topic, k.partitions, k.replication_factor,
+                     topic_configs={"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)}),
+        ]
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+            log.info("created topics %s", ", ".join(t.name for t in missing))
+    finally:
+        await admin.close()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("faust", "mode", "aiokafka", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def run_worker(settings: Settings | None = None) -> int:
+    """Run the ingest agent until SIGTERM/SIGINT. Returns the process exit code."""
+    import faust
+
+    from agents.app import FaustDeadLetters, install_ingest_agent, make_app
+    from pipeline.embedding import Embedder
+    from pipeline.health import start_health_server
+    from pipeline.ingest import IngestService
+    from pipeline.store import open_store
+
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    embedder = Embedder(settings)
+    store = open_store(settings)
+    try:
+        info = loop.run_until_complete(store.open(model=embedder.name, dim=embedder.dim))
+    except ConfigurationError as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+    log.info("store %s ready: collection %r, model %s, dim %d, %d chunks", settings.store.backend,
+             settings.store.collection, info.model, info.dim, info.chunk_count)
+    loop.run_until_complete(ensure_topics(settings))
+
+    m.BUILD_INFO.info({"version": __version__, "model": embedder.name, "store": settings.store.backend})
+    health = start_health_server(settings.metrics.host, settings.metrics.port) if settings.metrics.port else None
+
+    app = make_app(settings)
+    service = IngestService(settings, store, embedder, FaustDeadLetters(app, settings.kafka.dead_letter_topic))
+    install_ingest_agent(app, settings, service)
+    if health is not None:
+        health.ready = True
+
+    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True,
+                          override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        # the loop is closed by now: close the store on a fresh one (Edge flushes and releases its folder)
+        with contextlib.suppress(Exception):
+            asyncio.run(store.close())
+        embedder.close()
+        if health is not None:
+            health.shutdown()
+    return 0

@@ -1,0 +1,110 @@
+"""Sentence-transformers embedding: normalized vectors for cosine, batched by a token budget.
+
+Texts are sorted by length so a batch pads little, and encoding runs in a worker thread so the event
+loop keeps consuming and upserting meanwhile. The default model is the packaged all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from pipeline.chunking import Chunker
+from pipeline.settings import PACKAGED_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group indices into batches whose padded size (count x longest) stays within ``budget``.
+
+    Indices are taken longest first, so each batch holds texts of similar length and pads little.
+    A single text longer than the budget still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        size = max(lengths[i], 1)
+        if current and max(longest, size) * (len(current) + 1) > budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, size)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Embedder:
+    """Loads the model once; ``encode`` returns an ``(n, dim)`` float32 array of unit vectors."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if settings.model.name == PACKAGED_MODEL:
+            # the packaged weights are local: make sure nothing ever asks a hub
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        threads = settings.model.threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        self.model: Any = SentenceTransformer(settings.model_path, device=settings.model.device)
+        self.name = settings.model.name
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = get_dim()
+        if dim is None:
+            raise ValueError(f"model {self.name!r} does not declare its embedding dimension")
+        self.dim: int = int(dim)
+        self.max_seq_length: int = int(self.model.max_seq_length)
+        self.tokenizer = self.model.tokenizer
+        self._special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.batch_token_budget = settings.model.batch_token_budget
+        log.info("loaded model %s (dim %d, max_seq_length %d, %d threads)", self.name, self.dim,
+                 self.max_seq_length, threads)
+
+    def chunker(self) -> Chunker:
+        """A chunker whose windows fit this model: chunk_tokens capped by max_seq_length less specials."""
+        max_tokens = min(self.settings.model.chunk_tokens, self.max_seq_length - self._special)
+        overlap = min(self.settings.model.chunk_overlap_tokens, max_tokens // 2)
+        return Chunker(self.tokenizer, max_tokens=max_tokens, overlap=overlap)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def encode_sync(self, texts: Sequence[str], lengths: Sequence[int] | None = None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if lengths is None:
+            lengths = self.count_tokens(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        padded = [min(n + self._special, self.max_seq_length) for n in lengths]
+        for batch in token_budget_batches(padded, self.batch_token_budget):
+            vecs = self.model.encode(
+                [texts[i] for i in batch],
+                batch_size=len(batch),
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            out[batch] = vecs
+        return out
+
+    async def encode(self, texts: Sequence[str], lengths: Sequence[int] | None = None) -> np.ndarray:
+        """Encode off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.encode_sync, list(texts),
+                                          None if lengths is None else list(lengths))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

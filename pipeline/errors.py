@@ -1,0 +1,89 @@
+"""The error taxonomy: one root class whose ``retriable`` flag decides the retry policy.
+
+Retry policy is data, not ``except`` ladders: the ingest loop retries anything retriable with backoff
+and pauses consumption; anything else is permanent and becomes a dead letter with its ``reason``.
+"""
+
+from __future__ import annotations
+
+
+class VectorstreamError(Exception):
+    """Root of every error the pipeline raises on purpose."""
+
+    retriable: bool = False
+    #: a short, bounded code: used as a metric label and in dead-letter headers
+    reason: str = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+# --- permanent, per-record: these become dead letters -------------------------------------------------
+
+
+class BadRecordError(VectorstreamError):
+    """A record that can never be processed, whatever is retried: it belongs in the dead-letter topic."""
+
+    stage = "decode"
+
+
+class DecodeError(BadRecordError):
+    """The bytes are not a document event: not UTF-8, not JSON, too deep, too large."""
+
+    reason = "undecodable"
+    stage = "decode"
+
+
+class SchemaError(BadRecordError):
+    """The JSON is well formed but breaks the document event contract."""
+
+    reason = "schema_violation"
+    stage = "validate"
+
+
+class ContentError(BadRecordError):
+    """The event is valid but its content cannot be indexed (e.g. nothing to embed)."""
+
+    reason = "empty_text"
+    stage = "chunk"
+
+
+# --- configuration: refuse to start ---------------------------------------------------------------------
+
+
+class ConfigurationError(VectorstreamError):
+    """Settings that cannot work together; the message says what to change."""
+
+    reason = "configuration"
+
+
+class ModelMismatchError(ConfigurationError):
+    """The collection was built by another model or with another vector size."""
+
+    reason = "model_mismatch"
+
+
+# --- transient: retry with backoff, pause consumption, never dead-letter -------------------------------
+
+
+class TransientError(VectorstreamError):
+    retriable = True
+    reason = "transient"
+
+
+class StoreUnavailableError(TransientError):
+    """The vector store did not confirm a write or a read (down, timed out, refused)."""
+
+    reason = "store_unavailable"
+
+
+class BrokerUnavailableError(TransientError):
+    """The broker did not confirm a produce (e.g. a dead letter)."""
+
+    reason = "broker_unavailable"

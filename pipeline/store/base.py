@@ -1,0 +1,186 @@
+"""The vector-store port: the only interface the ingest and query logic use to reach Qdrant.
+
+Adapters (Qdrant Edge in-process, Qdrant server / local mode through qdrant-client) implement it; the
+contract suite in ``tests/contract`` runs the same scenarios against each and asserts the same results.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+# --- ids --------------------------------------------------------------------------------------------------
+
+_NAMESPACE = uuid.UUID("6f1c1e1e-5b1a-4f0e-9d59-7a3c2b9f1d10")
+
+
+def chunk_point_id(tenant_id: str, doc_id: str, chunk_index: int) -> str:
+    """Deterministic id of a chunk: a replay overwrites instead of duplicating."""
+    return str(uuid.uuid5(_NAMESPACE, f"chunk\x1f{tenant_id}\x1f{doc_id}\x1f{chunk_index}"))
+
+
+def doc_point_id(tenant_id: str, doc_id: str) -> str:
+    """Deterministic id of a document's state record in the registry."""
+    return str(uuid.uuid5(_NAMESPACE, f"doc\x1f{tenant_id}\x1f{doc_id}"))
+
+
+# --- payload layout (one place, so adapters, ingest and query agree) ----------------------------------------
+
+TENANT = "tenant_id"
+DOC = "doc_id"
+VERSION = "version"
+CHUNK_INDEX = "chunk_index"
+TITLE = "title"
+TEXT = "text"
+CONTENT_HASH = "content_hash"
+MODEL = "model"
+ACL_PUBLIC = "acl_public"
+ACL_USERS = "acl_users"
+ACL_GROUPS = "acl_groups"
+#: caller metadata lives under this prefix: metadata {"lang": "en"} is payload key "meta.lang"
+META_PREFIX = "meta"
+#: fields a caller's filter may never name
+RESERVED_FIELDS = frozenset({TENANT, DOC, VERSION, ACL_PUBLIC, ACL_USERS, ACL_GROUPS, MODEL, CONTENT_HASH})
+
+
+# --- a store-neutral filter language; adapters translate it -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Match:
+    """``key == value`` (for a list-valued payload: the list contains value)."""
+
+    key: str
+    value: str | int | bool
+
+
+@dataclass(frozen=True)
+class MatchAny:
+    """``key`` equals (or the list contains) any of ``values``."""
+
+    key: str
+    values: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    key: str
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+
+
+@dataclass(frozen=True)
+class Filter:
+    must: tuple[Condition, ...] = ()
+    should: tuple[Condition, ...] = ()
+    must_not: tuple[Condition, ...] = ()
+
+
+Condition = Union[Match, MatchAny, Range, Filter]
+
+
+# --- records ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkPoint:
+    id: str
+    vector: Sequence[float]
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DocState:
+    """What the registry remembers of a document: versions only move forward, deletes leave a tombstone."""
+
+    tenant_id: str
+    doc_id: str
+    version: int
+    deleted: bool = False
+    chunk_count: int = 0
+    #: content hash of each chunk, by index: lets an update reuse unchanged chunks' vectors
+    chunk_hashes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+    vector: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    m: int = 16
+    ef_construct: int = 128
+    full_scan_threshold_kb: int = 1
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    model: str
+    dim: int
+    chunk_count: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VectorStore(abc.ABC):
+    """All methods confirm before they return (writes are ``wait=True``).
+
+    Failures to reach the store raise :class:`pipeline.errors.StoreUnavailableError` (retriable);
+    a collection built by another model raises :class:`pipeline.errors.ModelMismatchError`.
+    """
+
+    @abc.abstractmethod
+    async def open(self, *, model: str, dim: int) -> StoreInfo:
+        """Create the chunk collection (HNSW, payload indexes) and the registry if missing, then check that
+        the collection was built by ``model`` with vectors of size ``dim``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def get_doc_states(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DocState]: ...
+
+    @abc.abstractmethod
+    async def put_doc_states(self, states: Sequence[DocState]) -> None: ...
+
+    @abc.abstractmethod
+    async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
+        """Remove a document's chunks: all of them, or only those whose version is below ``below_version``."""
+
+    @abc.abstractmethod
+    async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]: ...
+
+    @abc.abstractmethod
+    async def count(self, flt: Filter | None = None) -> int:
+        """Exact number of chunk points matching ``flt``."""
+
+    @abc.abstractmethod
+    async def scroll(self, flt: Filter | None = None, *, limit: int = 10_000) -> list[Hit]:
+        """Chunk points (payload, no vector) matching ``flt``; score is 0."""
+
+    @abc.abstractmethod
+    async def search(
+        self,
+        vector: Sequence[float],
+        *,
+        flt: Filter | None,
+        limit: int,
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+        with_vectors: bool = False,
+    ) -> list[Hit]: ...
+
+    @abc.abstractmethod
+    async def build_index(self) -> None:
+        """Make sure the HNSW index covers what was written (Edge optimizes; a server does it itself)."""
