@@ -1,0 +1,199 @@
+"""The ingest service against a real Qdrant Edge store and the real model (no broker): versions, updates,
+deletes, replays, reuse of unchanged chunks, transient failures and a crash between two writes."""
+
+import json
+
+import pytest
+
+from pipeline.decode import Record
+from pipeline.errors import StoreUnavailableError
+from pipeline.ingest import IngestService
+from pipeline.store import open_store
+from pipeline.store.base import DOC, TENANT, VERSION, Filter, Match
+from schemas.dead_letter import DeadLetterReason as R
+
+
+class RecordingDeadLetters:
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, record, rejected):
+        self.sent.append((record, rejected))
+
+
+class Crash(BaseException):
+    """Stands for the process dying: not an Exception, so no retry catches it."""
+
+
+class FaultyStore:
+    """Delegates to a real store; ``fail[method] = n`` fails the next n calls (``Crash`` or transient)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fail = {}
+        self.calls = {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        async def wrapped(*a, **kw):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            spec = self.fail.get(name)
+            if spec and spec[1] > 0:
+                self.fail[name] = (spec[0], spec[1] - 1)
+                raise spec[0]("injected")
+            return await attr(*a, **kw)
+
+        return wrapped
+
+
+@pytest.fixture
+async def store(tmp_path, settings, embedder):
+    s = settings.model_copy(update={"store": settings.store.model_copy(update={"path": tmp_path / "edge"})})
+    st = open_store(s)
+    await st.open(model=embedder.name, dim=embedder.dim)
+    yield FaultyStore(st)
+    await st.close()
+
+
+@pytest.fixture
+def service(settings, store, embedder):
+    async def no_sleep(_):
+        return None
+
+    svc = IngestService(settings, store, embedder, RecordingDeadLetters(), sleep=no_sleep)
+    return svc
+
+
+_offset = iter(range(10**9))
+
+
+def rec(event=None, *, key=None, value=None, raw=False):
+    if not raw:
+        key = f"{event['tenant_id']}/{event['doc_id']}".encode()
+        value = json.dumps(event).encode()
+    return Record("docs", 0, next(_offset), key, value, timestamp_ms=1)
+
+
+def up(doc, version, text, tenant="acme", **extra):
+    return {"type": "upsert", "tenant_id": tenant, "doc_id": doc, "version": version, "text": text, **extra}
+
+
+def long_text(tag, n=60):
+    return " ".join(f"Paragraph {i} of {tag} explains part {i} of the subject at length." for i in range(n))
+
+
+async def chunks_of(store, doc, tenant="acme"):
+    hits = await store.scroll(Filter(must=(Match(TENANT, tenant), Match(DOC, doc))))
+    return sorted(hits, key=lambda h: h.payload["chunk_index"])
+
+
+async def test_update_leaves_no_stale_chunks(service, store):
+    await service.handle([rec(up("d", 1, long_text("v1", 120)))])
+    before = await chunks_of(store, "d")
+    assert len(before) >= 4
+    report = await service.handle([rec(up("d", 2, "a much shorter second version"))])
+    after = await chunks_of(store, "d")
+    assert report.indexed == 1
+    assert len(after) == 1 and {h.payload[VERSION] for h in after} == {2}
+
+
+async def test_late_older_version_is_ignored(service, store):
+    await service.handle([rec(up("d", 5, "version five"))])
+    report = await service.handle([rec(up("d", 3, "version three, late"))])
+    assert report.ignored == 1 and report.indexed == 0
+    assert [h.payload["text"] for h in await chunks_of(store, "d")] == ["version five"]
+
+
+async def test_delete_removes_every_chunk_and_wins_over_older_upserts(service, store):
+    await service.handle([rec(up("d", 1, long_text("x", 80)))])
+    await service.handle([rec({"type": "delete", "tenant_id": "acme", "doc_id": "d", "version": 2})])
+    assert await chunks_of(store, "d") == []
+    await service.handle([rec(up("d", 2, "same version as the delete"))])
+    assert await chunks_of(store, "d") == []
+    await service.handle([rec(up("d", 3, "newer than the delete"))])
+    assert len(await chunks_of(store, "d")) == 1
+
+
+async def test_tombstone_removes_every_chunk(service, store):
+    await service.handle([rec(up("d", 7, long_text("y", 80)))])
+    assert len(await chunks_of(store, "d")) > 1
+    await service.handle([rec(key=b"acme/d", value=None, raw=True)])
+    assert await chunks_of(store, "d") == []
+    report = await service.handle([rec(up("d", 7, "the version before the tombstone"))])
+    assert report.ignored == 1 and await chunks_of(store, "d") == []
+
+
+async def test_same_document_twice_in_a_batch_writes_only_the_latest(service, store):
+    report = await service.handle([rec(up("d", 1, long_text("one", 80))), rec(up("d", 2, "two"))])
+    assert report.indexed == 1 and report.ignored == 1
+    assert report.chunks_embedded == 1
+    assert [h.payload["text"] for h in await chunks_of(store, "d")] == ["two"]
+
+
+async def test_replaying_a_batch_changes_nothing(service, store):
+    batch = [rec(up(f"d{i}", 1, long_text(f"doc{i}", 30))) for i in range(5)]
+    await service.handle(batch)
+    count = await store.count()
+    report = await service.handle(batch)
+    assert report.ignored == 5 and report.chunks_embedded == 0
+    assert await store.count() == count
+
+
+async def test_tenants_with_the_same_doc_id_do_not_collide(service, store):
+    await service.handle([rec(up("d", 1, "acme text")), rec(up("d", 1, "globex text", tenant="globex"))])
+    assert [h.payload["text"] for h in await chunks_of(store, "d")] == ["acme text"]
+    assert [h.payload["text"] for h in await chunks_of(store, "d", tenant="globex")] == ["globex text"]
+
+
+async def test_unchanged_chunks_reuse_their_vectors(service, store):
+    paragraphs = [long_text(f"section {i}", 12) for i in range(6)]
+    await service.handle([rec(up("d", 1, "\n".join(paragraphs)))])
+    n = len(await chunks_of(store, "d"))
+    paragraphs[-1] = "The last section was rewritten entirely and says something else now."
+    report = await service.handle([rec(up("d", 2, "\n".join(paragraphs)))])
+    assert report.chunks_reused >= n - 2 and report.chunks_embedded <= 2
+    assert {h.payload[VERSION] for h in await chunks_of(store, "d")} == {2}
+
+
+async def test_transient_store_failure_is_retried_not_dead_lettered(service, store):
+    store.fail["upsert_chunks"] = (StoreUnavailableError, 3)
+    report = await service.handle([rec(up("d", 1, "hello"))])
+    assert report.retries == 3 and report.indexed == 1 and report.dead_lettered == 0
+    assert service.dead_letters.sent == []
+    assert len(await chunks_of(store, "d")) == 1
+
+
+async def test_bad_records_are_dead_lettered_and_good_ones_indexed(service, store):
+    batch = [
+        rec(up("a", 1, "good one")),
+        rec(key=b"acme/b", value=b"\xff not utf-8", raw=True),
+        rec(up("c", 1, "   ")),
+        rec(key=b"acme/x", value=json.dumps(up("y", 1, "mismatch")).encode(), raw=True),
+        rec(up("d", 1, "good two")),
+    ]
+    report = await service.handle(batch)
+    assert report.indexed == 2 and report.dead_lettered == 3
+    assert [r.reason for _, r in service.dead_letters.sent] == [R.INVALID_UTF8, R.EMPTY_TEXT, R.KEY_MISMATCH]
+    assert [rec.offset for rec, _ in service.dead_letters.sent] == [batch[1].offset, batch[2].offset,
+                                                                    batch[3].offset]
+
+
+async def test_crash_between_new_chunks_and_cleanup_leaves_document_searchable_then_replay_cleans(
+        service, store, settings, embedder):
+    await service.handle([rec(up("d", 1, long_text("old", 120)))])
+    old_n = len(await chunks_of(store, "d"))
+    update = [rec(up("d", 2, long_text("new", 40)))]
+    store.fail["delete_chunks"] = (Crash, 1)
+    with pytest.raises(Crash):
+        await service.handle(update)
+    mid = await chunks_of(store, "d")
+    assert mid, "the document stays searchable after a crash mid-update"
+    assert len(mid) == old_n and {h.payload[VERSION] for h in mid} == {1, 2}
+    # a new process replays the uncommitted batch
+    report = await IngestService(settings, store, embedder, RecordingDeadLetters()).handle(update)
+    assert report.indexed == 1
+    final = await chunks_of(store, "d")
+    assert {h.payload[VERSION] for h in final} == {2} and len(final) < old_n

@@ -1,0 +1,48 @@
+"""Token-budget batching and the embedder's output: unit vectors, in input order, equal to a plain encode."""
+
+import numpy as np
+from hypothesis import given, strategies as st
+
+from pipeline.embedding import token_budget_batches
+
+
+@given(lengths=st.lists(st.integers(min_value=1, max_value=256), max_size=300),
+       budget=st.integers(min_value=256, max_value=20000))
+def test_batches_cover_every_index_once_within_budget(lengths, budget):
+    batches = token_budget_batches(lengths, budget)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= budget
+
+
+def test_batches_group_similar_lengths():
+    lengths = [5, 200, 6, 190, 7, 180]
+    batches = token_budget_batches(lengths, 400)
+    assert batches[0] == [1, 3]  # the long ones together, not padded next to short ones
+
+
+def test_encode_matches_plain_sentence_transformers_in_input_order(embedder):
+    texts = ["a short one", "how do I reset my password " * 20, "kafka offsets", "x"]
+    ours = embedder.encode_sync(texts)
+    plain = embedder.model.encode(texts, normalize_embeddings=True)
+    assert ours.shape == (4, embedder.dim)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
+    assert np.allclose(ours, plain, atol=1e-4)
+
+
+async def test_encode_runs_off_the_event_loop(embedder):
+    import asyncio
+
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await embedder.encode(["some text to embed " * 40] * 64)
+    task.cancel()
+    assert ticks > 5, "the loop kept running while the model encoded"

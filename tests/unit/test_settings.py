@@ -1,0 +1,50 @@
+"""One settings tree from environment variables, with nested groups and secrets."""
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.settings import PACKAGED_MODEL, Settings
+
+
+def test_defaults_work_on_a_laptop(monkeypatch):
+    for var in [v for v in __import__("os").environ if v.startswith("VECTORSTREAM_")]:
+        monkeypatch.delenv(var)
+    s = Settings()
+    assert s.store.backend == "edge" and s.model.name == PACKAGED_MODEL
+    assert s.kafka.bootstrap_servers == "127.0.0.1:9092"
+
+
+def test_nested_environment_variables(monkeypatch):
+    monkeypatch.setenv("VECTORSTREAM_STORE__HNSW_M", "32")
+    monkeypatch.setenv("VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
+    monkeypatch.setenv("VECTORSTREAM_STORE__API_KEY", "s3cret")
+    s = Settings()
+    assert s.store.hnsw_m == 32
+    assert s.kafka.bootstrap_servers == "k1:9092,k2:9092"
+    assert s.store.api_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_explicit_arguments_beat_environment(monkeypatch):
+    monkeypatch.setenv("VECTORSTREAM_LOG_LEVEL", "DEBUG")
+    assert Settings(log_level="WARNING").log_level == "WARNING"
+
+
+def test_invalid_values_are_refused(monkeypatch):
+    monkeypatch.setenv("VECTORSTREAM_STORE__HNSW_M", "2")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_overlap_must_be_below_chunk_size(monkeypatch):
+    monkeypatch.setenv("VECTORSTREAM_MODEL__CHUNK_TOKENS", "32")
+    monkeypatch.setenv("VECTORSTREAM_MODEL__CHUNK_OVERLAP_TOKENS", "32")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_packaged_model_resolves_to_a_local_folder():
+    from pathlib import Path
+
+    path = Path(Settings().model_path)
+    assert (path / "config.json").exists() or (path / "modules.json").exists()
