@@ -1,7 +1,8 @@
 """Chunks fit the model, overlap as configured, cover the whole text, and nothing is truncated."""
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.chunking import Chunker
 

@@ -1,7 +1,8 @@
 """Token-budget batching and the embedder's output: unit vectors, in input order, equal to a plain encode."""
 
 import numpy as np
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.embedding import token_budget_batches
 
