@@ -1,0 +1,446 @@
+"""The Qdrant Edge adapter of the vector-store port: in-process shards persisted under a local folder.
+
+Edge is synchronous: each call runs on one dedicated thread, so the loop never blocks and calls never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import qdrant_edge as qe
+
+from pipeline.errors import ModelMismatchError, StoreUnavailableError, VectorstreamError
+from pipeline.store import (
+    META_POINT_ID,
+    REGISTRY_VECTOR,
+    check_meta,
+    doc_state_from_payload,
+    doc_state_payload,
+    meta_payload,
+    registry_name,
+)
+from pipeline.store.base import (
+    ACL_GROUPS,
+    ACL_PUBLIC,
+    ACL_USERS,
+    DOC,
+    TENANT,
+    VERSION,
+    ChunkPoint,
+    Condition,
+    DocState,
+    Filter,
+    Hit,
+    HnswParams,
+    Match,
+    MatchAny,
+    Range,
+    StoreInfo,
+    VectorStore,
+    doc_point_id,
+)
+
+if TYPE_CHECKING:
+    from pipeline.settings import StoreSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: payload indexes of the chunk shard; tenant_id is the tenant key (Edge co-locates a tenant's points)
+_CHUNK_INDEXES: tuple[tuple[str, Any], ...] = (
+    (TENANT, qe.KeywordIndexParams(is_tenant=True)),
+    (DOC, qe.PayloadSchemaType.Keyword),
+    (VERSION, qe.IntegerIndexParams(lookup=True, range=True)),
+    (ACL_PUBLIC, qe.PayloadSchemaType.Bool),
+    (ACL_USERS, qe.PayloadSchemaType.Keyword),
+    (ACL_GROUPS, qe.PayloadSchemaType.Keyword),
+)
+
+#: fragments of Edge error messages that mean "the store cannot be reached", not "the request is wrong"
+_UNAVAILABLE_MARKERS = (
+    "not initialized",  # the shard was closed
+    "os error",
+    "io error",
+    "i/o error",
+    "wouldblock",  # another process holds the shard's WAL lock
+    "failed to open wal",
+    "can't init wal",
+    "no space left",
+    "too many open files",
+    "permission denied",
+    "read-only file system",
+)
+
+_PAGE = 1_000
+
+
+class EdgeStore(VectorStore):
+    """Two Edge shards under ``root``: ``<collection>`` (the chunks) and ``<collection>__registry``.
+
+    Writes are acknowledged only once they are in Edge's write-ahead log, which survives the process being
+    killed; with ``flush_writes`` (the default) each write is also flushed (fsync) so it survives power loss.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        collection: str,
+        *,
+        hnsw: HnswParams = HnswParams(),
+        hnsw_ef: int = 128,
+        flush_writes: bool = True,
+    ) -> None:
+        self._root = Path(root)
+        self._collection = collection
+        self._hnsw = hnsw
+        self._hnsw_ef = hnsw_ef
+        self._flush_writes = flush_writes
+        self._executor: ThreadPoolExecutor | None = None
+        self._chunks: qe.EdgeShard | None = None
+        self._registry: qe.EdgeShard | None = None
+        self._model = ""
+        self._dim = 0
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings) -> EdgeStore:
+        return cls(
+            settings.path,
+            settings.collection,
+            hnsw=HnswParams(
+                m=settings.hnsw_m,
+                ef_construct=settings.hnsw_ef_construct,
+                full_scan_threshold_kb=settings.full_scan_threshold_kb,
+            ),
+            hnsw_ef=settings.hnsw_ef,
+        )
+
+    @property
+    def chunk_path(self) -> Path:
+        return self._root / self._collection
+
+    @property
+    def registry_path(self) -> Path:
+        return self._root / registry_name(self._collection)
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    async def open(self, *, model: str, dim: int) -> StoreInfo:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edge-{self._collection}")
+        try:
+            return await self._run(self._open_sync, model, dim)
+        except BaseException:
+            if self._chunks is None:  # a failed first open leaves nothing behind
+                await self._shutdown_executor()
+            raise
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        try:
+            await self._run(self._close_sync)
+        finally:
+            await self._shutdown_executor()
+
+    async def _shutdown_executor(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+
+    def _open_sync(self, model: str, dim: int) -> StoreInfo:
+        if self._chunks is not None and self._registry is not None:
+            check_meta(
+                {"model": self._model, "dim": self._dim},
+                model=model,
+                dim=dim,
+                collection=self._collection,
+                remedy=self._remedy(),
+            )
+            return self._info_sync()
+        registry = _load_or_create(self.registry_path, _registry_config())
+        chunks: qe.EdgeShard | None = None
+        try:
+            stored = _retrieve_payload(registry, META_POINT_ID)
+            check_meta(stored, model=model, dim=dim, collection=self._collection, remedy=self._remedy())
+            chunks = self._load_chunks(dim)
+            existing = set(chunks.info().payload_schema)
+            missing = [(name, schema) for name, schema in _CHUNK_INDEXES if name not in existing]
+            for field_name, schema in missing:
+                chunks.update(qe.UpdateOperation.create_field_index(field_name, schema))
+            if missing:
+                chunks.flush()
+            if stored is None:
+                meta = qe.Point(META_POINT_ID, REGISTRY_VECTOR, meta_payload(model, dim))
+                registry.update(qe.UpdateOperation.upsert_points([meta]))
+                registry.flush()
+                log.info(
+                    "created edge collection %r under %s (model %s, dim %d)", self._collection, self._root, model, dim
+                )
+        except BaseException:
+            for shard in (chunks, registry):
+                if shard is not None:
+                    shard.close()
+            raise
+        self._chunks, self._registry, self._model, self._dim = chunks, registry, model, dim
+        return self._info_sync()
+
+    def _load_chunks(self, dim: int) -> qe.EdgeShard:
+        try:
+            return _load_or_create(self.chunk_path, self._chunk_config(dim))
+        except Exception as exc:
+            if "incompatible" not in str(exc).lower():
+                raise
+            raise ModelMismatchError(
+                f"collection {self._collection!r} at {self.chunk_path} does not hold {dim}-dim cosine vectors "
+                f"({exc}). Either set VECTORSTREAM_STORE__COLLECTION to another collection name, or "
+                f"{self._remedy()} and re-ingest the documents."
+            ) from exc
+
+    def _close_sync(self) -> None:
+        shards = [s for s in (self._chunks, self._registry) if s is not None]
+        self._chunks = self._registry = None
+        for shard in shards:
+            shard.close()  # close flushes
+
+    def _remedy(self) -> str:
+        return f"stop the workers, delete the folders {self.chunk_path} and {self.registry_path}"
+
+    def _chunk_config(self, dim: int) -> qe.EdgeConfig:
+        kb = self._hnsw.full_scan_threshold_kb
+        return qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
+            hnsw_config=qe.HnswIndexConfig(
+                m=self._hnsw.m, ef_construct=self._hnsw.ef_construct, full_scan_threshold=kb
+            ),
+            # Edge has no background optimizer: build_index() runs it, and it indexes every segment above this size
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=kb),
+        )
+
+    def _info_sync(self) -> StoreInfo:
+        info = self._chunk_shard().info()
+        return StoreInfo(
+            model=self._model,
+            dim=self._dim,
+            chunk_count=self._chunk_shard().count(qe.CountRequest(exact=True)),
+            extra={
+                "backend": "edge",
+                "path": str(self.chunk_path),
+                "segments": info.segments_count,
+                "indexed_vectors": info.indexed_vectors_count,
+            },
+        )
+
+    # --- registry -------------------------------------------------------------------------------------------
+
+    async def get_doc_states(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DocState]:
+        if not keys:
+            return {}
+
+        def get() -> dict[tuple[str, str], DocState]:
+            ids = list(dict.fromkeys(doc_point_id(t, d) for t, d in keys))
+            records = self._registry_shard().retrieve(ids, with_payload=True, with_vector=False)
+            states = (doc_state_from_payload(r.payload or {}) for r in records)
+            found = {(s.tenant_id, s.doc_id): s for s in states}
+            return {key: found[key] for key in keys if key in found}
+
+        return await self._run(get)
+
+    async def put_doc_states(self, states: Sequence[DocState]) -> None:
+        if not states:
+            return
+        points = [qe.Point(doc_point_id(s.tenant_id, s.doc_id), REGISTRY_VECTOR, doc_state_payload(s)) for s in states]
+        await self._run(self._write, self._registry_shard, qe.UpdateOperation.upsert_points(points))
+
+    # --- chunks ---------------------------------------------------------------------------------------------
+
+    async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
+        if not points:
+            return
+        edge_points = [qe.Point(p.id, _as_list(p.vector), dict(p.payload)) for p in points]
+        await self._run(self._write, self._chunk_shard, qe.UpdateOperation.upsert_points(edge_points))
+
+    async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
+        must: list[Condition] = [Match(TENANT, tenant_id), Match(DOC, doc_id)]
+        if below_version is not None:
+            must.append(Range(VERSION, lt=below_version))
+        op = qe.UpdateOperation.delete_points_by_filter(_edge_filter(Filter(must=tuple(must))))
+        await self._run(self._write, self._chunk_shard, op)
+
+    async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
+        if not ids:
+            return {}
+
+        def get() -> dict[str, list[float]]:
+            records = self._chunk_shard().retrieve(list(dict.fromkeys(ids)), with_payload=False, with_vector=True)
+            return {str(r.id): [float(x) for x in r.vector] for r in records if r.vector is not None}
+
+        return await self._run(get)
+
+    async def count(self, flt: Filter | None = None) -> int:
+        request = qe.CountRequest(exact=True, filter=_edge_filter(flt))
+        return await self._run(lambda: self._chunk_shard().count(request))
+
+    async def scroll(self, flt: Filter | None = None, *, limit: int = 10_000) -> list[Hit]:
+        edge_flt = _edge_filter(flt)
+
+        def scroll() -> list[Hit]:
+            hits: list[Hit] = []
+            offset = None
+            while len(hits) < limit:
+                request = qe.ScrollRequest(
+                    offset=offset,
+                    limit=min(_PAGE, limit - len(hits)),
+                    filter=edge_flt,
+                    with_payload=True,
+                    with_vector=False,
+                )
+                records, offset = self._chunk_shard().scroll(request)
+                hits.extend(Hit(id=str(r.id), score=0.0, payload=dict(r.payload or {})) for r in records)
+                if offset is None or not records:
+                    break
+            return hits
+
+        return await self._run(scroll)
+
+    async def search(
+        self,
+        vector: Sequence[float],
+        *,
+        flt: Filter | None,
+        limit: int,
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+        with_vectors: bool = False,
+    ) -> list[Hit]:
+        request = qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(_as_list(vector)),
+            filter=_edge_filter(flt),
+            params=qe.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact),
+            with_payload=True,
+            with_vector=with_vectors,
+        )
+
+        def query() -> list[Hit]:
+            return [
+                Hit(
+                    id=str(p.id),
+                    score=float(p.score),
+                    payload=dict(p.payload or {}),
+                    vector=[float(x) for x in p.vector] if with_vectors and p.vector is not None else None,
+                )
+                for p in self._chunk_shard().query(request)
+            ]
+
+        return await self._run(query)
+
+    async def build_index(self) -> None:
+        def optimize() -> None:
+            shard = self._chunk_shard()
+            if shard.optimize():
+                shard.flush()
+
+        await self._run(optimize)
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+
+    def _chunk_shard(self) -> qe.EdgeShard:
+        if self._chunks is None:
+            raise StoreUnavailableError(f"edge store {self._collection!r} is not open")
+        return self._chunks
+
+    def _registry_shard(self) -> qe.EdgeShard:
+        if self._registry is None:
+            raise StoreUnavailableError(f"edge store {self._collection!r} is not open")
+        return self._registry
+
+    def _write(self, shard: Callable[[], qe.EdgeShard], op: qe.UpdateOperation) -> None:
+        target = shard()
+        target.update(op)
+        if self._flush_writes:
+            target.flush()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        executor = self._executor
+        if executor is None:
+            raise StoreUnavailableError(f"edge store {self._collection!r} is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
+        except VectorstreamError:
+            raise
+        except RuntimeError as exc:
+            if "after shutdown" in str(exc):  # the executor was shut down by a concurrent close()
+                raise StoreUnavailableError(f"edge store {self._collection!r} is closed") from exc
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError) or _is_unavailable(exc):
+                raise StoreUnavailableError(f"qdrant edge at {self._root}: {exc}") from exc
+            raise
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _UNAVAILABLE_MARKERS)
+
+
+def _load_or_create(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
+    """Load the shard at ``path`` (checking ``config`` against it), or create it when the folder is new or empty."""
+    if path.is_dir() and any(path.iterdir()):
+        return qe.EdgeShard.load(str(path), config)
+    path.mkdir(parents=True, exist_ok=True)
+    return qe.EdgeShard.create(str(path), config)
+
+
+def _registry_config() -> qe.EdgeConfig:
+    return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=len(REGISTRY_VECTOR), distance=qe.Distance.Dot))
+
+
+def _retrieve_payload(shard: qe.EdgeShard, point_id: str) -> dict[str, Any] | None:
+    records = shard.retrieve([point_id], with_payload=True, with_vector=False)
+    return dict(records[0].payload or {}) if records else None
+
+
+def _as_list(vector: Sequence[float]) -> list[float]:
+    tolist = getattr(vector, "tolist", None)  # numpy arrays
+    return [float(x) for x in (tolist() if tolist is not None else vector)]
+
+
+# --- filter translation -------------------------------------------------------------------------------------
+
+
+def _edge_filter(flt: Filter | None) -> qe.Filter | None:
+    if flt is None:
+        return None
+    return qe.Filter(
+        must=[_edge_condition(c) for c in flt.must] or None,
+        should=[_edge_condition(c) for c in flt.should] or None,
+        must_not=[_edge_condition(c) for c in flt.must_not] or None,
+    )
+
+
+def _edge_condition(cond: Condition) -> Any:
+    if isinstance(cond, Filter):
+        return _edge_filter(cond)
+    if isinstance(cond, Match):
+        return qe.FieldCondition(cond.key, match=qe.MatchValue(_match_value(cond.value)))
+    if isinstance(cond, MatchAny):
+        return qe.FieldCondition(cond.key, match=qe.MatchAny(list(cond.values)))
+    if isinstance(cond, Range):
+        return qe.FieldCondition(cond.key, range=qe.RangeFloat(gte=cond.gte, gt=cond.gt, lte=cond.lte, lt=cond.lt))
+    raise TypeError(f"not a filter condition: {cond!r}")
+
+
+def _match_value(value: str | int | bool) -> Any:
+    # qdrant_edge 0.9 turns a Python bool into the integer 0/1, which never matches a boolean payload value;
+    # numpy's bool_ is not an int subclass and reaches Edge as a boolean.
+    if isinstance(value, bool):
+        return np.bool_(value)
+    return value

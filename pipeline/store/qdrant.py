@@ -1,0 +1,447 @@
+"""The qdrant-client adapter of the vector-store port: a Qdrant server, or qdrant-client's local mode.
+
+Local mode (a folder or ":memory:") searches by brute force and ignores HNSW and payload indexes; it is for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import httpx
+from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from pipeline.errors import ConfigurationError, ModelMismatchError, StoreUnavailableError, VectorstreamError
+from pipeline.store import (
+    META_POINT_ID,
+    REGISTRY_VECTOR,
+    check_meta,
+    doc_state_from_payload,
+    doc_state_payload,
+    meta_payload,
+    registry_name,
+)
+from pipeline.store.base import (
+    ACL_GROUPS,
+    ACL_PUBLIC,
+    ACL_USERS,
+    DOC,
+    TENANT,
+    VERSION,
+    ChunkPoint,
+    Condition,
+    DocState,
+    Filter,
+    Hit,
+    HnswParams,
+    Match,
+    MatchAny,
+    Range,
+    StoreInfo,
+    VectorStore,
+    doc_point_id,
+)
+
+if TYPE_CHECKING:
+    from pipeline.settings import StoreSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CHUNK_INDEXES: tuple[tuple[str, Any], ...] = (
+    (TENANT, models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True)),
+    (DOC, models.PayloadSchemaType.KEYWORD),
+    (VERSION, models.IntegerIndexParams(type=models.IntegerIndexType.INTEGER, lookup=True, range=True)),
+    (ACL_PUBLIC, models.PayloadSchemaType.BOOL),
+    (ACL_USERS, models.PayloadSchemaType.KEYWORD),
+    (ACL_GROUPS, models.PayloadSchemaType.KEYWORD),
+)
+
+#: HTTP statuses that mean "try again later" rather than "the request is wrong"
+_RETRIABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_RETRIABLE_GRPC = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+#: RuntimeErrors of local mode that are about reaching the storage folder
+_LOCAL_UNAVAILABLE = ("already accessed by another instance", "instance is closed")
+
+_PAGE = 1_000
+#: how long build_index waits at most for a server to finish optimizing
+_INDEX_WAIT_SECONDS = 60.0
+
+
+class QdrantStore(VectorStore):
+    """Two collections, ``<collection>`` (the chunks) and ``<collection>__registry``, reached through qdrant-client.
+
+    Exactly one of ``url`` (a server), ``path`` (local mode persisted in a folder) or ``location`` (":memory:").
+    """
+
+    def __init__(
+        self,
+        collection: str,
+        *,
+        url: str | None = None,
+        path: str | Path | None = None,
+        location: str | None = None,
+        api_key: str | None = None,
+        prefer_grpc: bool = False,
+        timeout_seconds: float = 10.0,
+        hnsw: HnswParams = HnswParams(),
+        hnsw_ef: int = 128,
+    ) -> None:
+        if sum(x is not None for x in (url, path, location)) != 1:
+            raise ConfigurationError("QdrantStore needs exactly one of url (server), path or location (local mode)")
+        self._collection = collection
+        self._registry = registry_name(collection)
+        self._url = url
+        self._path = Path(path) if path is not None else None
+        self._location = location
+        self._api_key = api_key
+        self._prefer_grpc = prefer_grpc
+        self._timeout = timeout_seconds
+        self._hnsw = hnsw
+        self._hnsw_ef = hnsw_ef
+        self._client: AsyncQdrantClient | None = None
+        self._model = ""
+        self._dim = 0
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings) -> QdrantStore:
+        if settings.url:
+            where: dict[str, Any] = {"url": settings.url}
+        elif settings.local_path is not None:
+            where = {"path": settings.local_path}
+        else:
+            raise ConfigurationError(
+                "store.backend is 'qdrant' but neither VECTORSTREAM_STORE__URL (a Qdrant server) nor "
+                "VECTORSTREAM_STORE__LOCAL_PATH (qdrant-client local mode) is set"
+            )
+        return cls(
+            settings.collection,
+            **where,
+            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+            prefer_grpc=settings.prefer_grpc,
+            timeout_seconds=settings.timeout_seconds,
+            hnsw=HnswParams(
+                m=settings.hnsw_m,
+                ef_construct=settings.hnsw_ef_construct,
+                full_scan_threshold_kb=settings.full_scan_threshold_kb,
+            ),
+            hnsw_ef=settings.hnsw_ef,
+        )
+
+    @property
+    def is_local(self) -> bool:
+        return self._url is None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+
+    async def open(self, *, model: str, dim: int) -> StoreInfo:
+        if self._client is None:
+            self._client = await self._guard("connect", self._connect)
+        try:
+            stored = await self._ensure_registry()
+            check_meta(stored, model=model, dim=dim, collection=self._collection, remedy=self._remedy())
+            await self._ensure_chunks(dim)
+            if stored is None:
+                meta = models.PointStruct(id=META_POINT_ID, vector=REGISTRY_VECTOR, payload=meta_payload(model, dim))
+                await self._call("write meta", lambda c: c.upsert(self._registry, [meta], wait=True))
+                log.info("created qdrant collection %r (model %s, dim %d)", self._collection, model, dim)
+            self._model, self._dim = model, dim
+            return StoreInfo(
+                model=model,
+                dim=dim,
+                chunk_count=await self.count(),
+                extra={"backend": "qdrant", "mode": "local" if self.is_local else "server", "where": self._where()},
+            )
+        except BaseException:
+            if not self._model:  # a failed first open leaves nothing behind
+                await self.close()
+            raise
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._model = ""
+        if client is not None:
+            try:
+                await client.close()
+            except Exception as exc:  # closing a connection that is already gone is not worth failing over
+                log.debug("closing the qdrant client failed: %s", exc)
+
+    async def _connect(self) -> AsyncQdrantClient:
+        if self._url is not None:
+            return AsyncQdrantClient(
+                url=self._url,
+                api_key=self._api_key,
+                prefer_grpc=self._prefer_grpc,
+                timeout=max(1, math.ceil(self._timeout)),
+                check_compatibility=False,  # would be a blocking request inside the event loop
+            )
+        if self._path is not None:
+            self._path.mkdir(parents=True, exist_ok=True)
+            return AsyncQdrantClient(path=str(self._path))
+        return AsyncQdrantClient(location=self._location)
+
+    async def _ensure_registry(self) -> dict[str, Any] | None:
+        """Create the registry if missing; return the meta point's payload (None on a new collection)."""
+        if not await self._call("check registry", lambda c: c.collection_exists(self._registry)):
+            await self._create_collection(
+                self._registry,
+                vectors_config=models.VectorParams(size=len(REGISTRY_VECTOR), distance=models.Distance.DOT),
+                hnsw_config=models.HnswConfigDiff(m=0),  # looked up by id only: no graph
+            )
+            return None
+        records = await self._call(
+            "read meta",
+            lambda c: c.retrieve(self._registry, [META_POINT_ID], with_payload=True, with_vectors=False),
+        )
+        return dict(records[0].payload or {}) if records else None
+
+    async def _ensure_chunks(self, dim: int) -> None:
+        if await self._call("check collection", lambda c: c.collection_exists(self._collection)):
+            info = await self._call("read collection", lambda c: c.get_collection(self._collection))
+            params = info.config.params.vectors
+            size = params.size if isinstance(params, models.VectorParams) else None
+            distance = params.distance if isinstance(params, models.VectorParams) else None
+            if size != dim or distance != models.Distance.COSINE:
+                raise ModelMismatchError(
+                    f"collection {self._collection!r} holds vectors of size {size} ({distance}), not {dim}-dim "
+                    f"cosine vectors. Either set VECTORSTREAM_STORE__COLLECTION to another collection name, "
+                    f"or {self._remedy()} and re-ingest the documents."
+                )
+            existing = set(info.payload_schema or {})
+        else:
+            await self._create_collection(
+                self._collection,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                hnsw_config=models.HnswConfigDiff(
+                    m=self._hnsw.m,
+                    ef_construct=self._hnsw.ef_construct,
+                    full_scan_threshold=self._hnsw.full_scan_threshold_kb,
+                ),
+            )
+            existing = set()
+        if self.is_local:
+            return  # local mode has no payload indexes (and warns when asked for one)
+        for field_name, schema in _CHUNK_INDEXES:
+            if field_name not in existing:
+                await self._call(
+                    f"create index {field_name}",
+                    lambda c, f=field_name, s=schema: c.create_payload_index(self._collection, f, s, wait=True),
+                )
+
+    async def _create_collection(self, name: str, **config: Any) -> None:
+        try:
+            await self._call(f"create {name}", lambda c: c.create_collection(name, **config))
+        except (UnexpectedResponse, grpc.RpcError, ValueError) as exc:
+            # another worker created it in between (REST 409, gRPC ALREADY_EXISTS, local mode ValueError)
+            if not await self._call(f"check {name}", lambda c: c.collection_exists(name)):
+                raise
+            log.debug("collection %s was created concurrently: %s", name, exc)
+
+    def _remedy(self) -> str:
+        if self.is_local:
+            return f"stop the workers, delete the folder {self._where()}"
+        return f"delete the collections {self._collection!r} and {self._registry!r} on {self._url}"
+
+    def _where(self) -> str:
+        return self._url or (str(self._path) if self._path is not None else str(self._location))
+
+    # --- registry -------------------------------------------------------------------------------------------
+
+    async def get_doc_states(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DocState]:
+        if not keys:
+            return {}
+        ids = list(dict.fromkeys(doc_point_id(t, d) for t, d in keys))
+        records = await self._call(
+            "read doc states", lambda c: c.retrieve(self._registry, ids, with_payload=True, with_vectors=False)
+        )
+        found = {(s.tenant_id, s.doc_id): s for s in (doc_state_from_payload(r.payload or {}) for r in records)}
+        return {key: found[key] for key in keys if key in found}
+
+    async def put_doc_states(self, states: Sequence[DocState]) -> None:
+        if not states:
+            return
+        points = [
+            models.PointStruct(
+                id=doc_point_id(s.tenant_id, s.doc_id), vector=REGISTRY_VECTOR, payload=doc_state_payload(s)
+            )
+            for s in states
+        ]
+        await self._call("write doc states", lambda c: c.upsert(self._registry, points, wait=True))
+
+    # --- chunks ---------------------------------------------------------------------------------------------
+
+    async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
+        if not points:
+            return
+        structs = [models.PointStruct(id=p.id, vector=_as_list(p.vector), payload=dict(p.payload)) for p in points]
+        await self._call("upsert chunks", lambda c: c.upsert(self._collection, structs, wait=True))
+
+    async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
+        must: list[Condition] = [Match(TENANT, tenant_id), Match(DOC, doc_id)]
+        if below_version is not None:
+            must.append(Range(VERSION, lt=below_version))
+        selector = models.FilterSelector(filter=_qdrant_filter(Filter(must=tuple(must))))
+        await self._call("delete chunks", lambda c: c.delete(self._collection, points_selector=selector, wait=True))
+
+    async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
+        if not ids:
+            return {}
+        unique = list(dict.fromkeys(ids))
+        records = await self._call(
+            "read vectors", lambda c: c.retrieve(self._collection, unique, with_payload=False, with_vectors=True)
+        )
+        return {str(r.id): [float(x) for x in r.vector] for r in records if isinstance(r.vector, list)}
+
+    async def count(self, flt: Filter | None = None) -> int:
+        result = await self._call(
+            "count", lambda c: c.count(self._collection, count_filter=_qdrant_filter(flt), exact=True)
+        )
+        return result.count
+
+    async def scroll(self, flt: Filter | None = None, *, limit: int = 10_000) -> list[Hit]:
+        qflt = _qdrant_filter(flt)
+        hits: list[Hit] = []
+        offset: Any = None
+        while len(hits) < limit:
+            page = min(_PAGE, limit - len(hits))
+            records, offset = await self._call(
+                "scroll",
+                lambda c, o=offset, n=page: c.scroll(
+                    self._collection, scroll_filter=qflt, limit=n, offset=o, with_payload=True, with_vectors=False
+                ),
+            )
+            hits.extend(Hit(id=str(r.id), score=0.0, payload=dict(r.payload or {})) for r in records)
+            if offset is None or not records:
+                break
+        return hits
+
+    async def search(
+        self,
+        vector: Sequence[float],
+        *,
+        flt: Filter | None,
+        limit: int,
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+        with_vectors: bool = False,
+    ) -> list[Hit]:
+        # local mode always searches exactly, and warns when given search params
+        params = None if self.is_local else models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact)
+        query = _as_list(vector)
+        response = await self._call(
+            "search",
+            lambda c: c.query_points(
+                self._collection,
+                query=query,
+                query_filter=_qdrant_filter(flt),
+                search_params=params,
+                limit=limit,
+                with_payload=True,
+                with_vectors=with_vectors,
+            ),
+        )
+        return [
+            Hit(
+                id=str(p.id),
+                score=float(p.score),
+                payload=dict(p.payload or {}),
+                vector=[float(x) for x in p.vector] if with_vectors and isinstance(p.vector, list) else None,
+            )
+            for p in response.points
+        ]
+
+    async def build_index(self) -> None:
+        """A server indexes by itself: wait (bounded) until it reports no optimization pending."""
+        if self.is_local:
+            return
+        deadline = time.monotonic() + _INDEX_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            info = await self._call("read collection", lambda c: c.get_collection(self._collection))
+            if info.status == models.CollectionStatus.GREEN:
+                return
+            await asyncio.sleep(0.2)
+        log.warning("collection %r still optimizing after %.0f s", self._collection, _INDEX_WAIT_SECONDS)
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[[AsyncQdrantClient], Awaitable[T]]) -> T:
+        client = self._client
+        if client is None:
+            raise StoreUnavailableError(f"qdrant store {self._collection!r} is not open")
+        return await self._guard(what, lambda: fn(client))
+
+    async def _guard(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except VectorstreamError:
+            raise
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise StoreUnavailableError(f"qdrant at {self._where()}: {what} failed: {_describe(exc)}") from exc
+            raise
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, ResponseHandlingException | ResourceExhaustedResponse | httpx.TransportError):
+        return True
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code is None or exc.status_code in _RETRIABLE_STATUS
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return exc.code() in _RETRIABLE_GRPC
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _LOCAL_UNAVAILABLE):
+        return True
+    return isinstance(exc, OSError)  # includes ConnectionError and TimeoutError
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ResponseHandlingException):  # its own str() is empty; the cause is in .source
+        return f"{type(exc.source).__name__}: {exc.source}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _as_list(vector: Sequence[float]) -> list[float]:
+    tolist = getattr(vector, "tolist", None)
+    return [float(x) for x in (tolist() if tolist is not None else vector)]
+
+
+# --- filter translation -------------------------------------------------------------------------------------
+
+
+def _qdrant_filter(flt: Filter | None) -> models.Filter | None:
+    if flt is None:
+        return None
+    return models.Filter(
+        must=[_qdrant_condition(c) for c in flt.must] or None,
+        should=[_qdrant_condition(c) for c in flt.should] or None,
+        must_not=[_qdrant_condition(c) for c in flt.must_not] or None,
+    )
+
+
+def _qdrant_condition(cond: Condition) -> Any:
+    if isinstance(cond, Filter):
+        return _qdrant_filter(cond)
+    if isinstance(cond, Match):
+        return models.FieldCondition(key=cond.key, match=models.MatchValue(value=cond.value))
+    if isinstance(cond, MatchAny):
+        return models.FieldCondition(key=cond.key, match=models.MatchAny(any=list(cond.values)))
+    if isinstance(cond, Range):
+        return models.FieldCondition(
+            key=cond.key, range=models.Range(gt=cond.gt, gte=cond.gte, lt=cond.lt, lte=cond.lte)
+        )
+    raise TypeError(f"not a filter condition: {cond!r}")
