@@ -47,7 +47,7 @@ def make_app(settings: Settings) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
+        broker_commit_interval=k.commit_interval_seconds,
         broker_commit_every=1000,
         producer_max_request_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),
         consumer_max_fetch_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),

@@ -31,6 +31,8 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    #: how often acked offsets are committed; a crash replays at most this much already-written work
+    commit_interval_seconds: float = Field(default=1.0, gt=0)
     #: partitions used when the worker has to create a topic itself
     partitions: int = Field(default=4, ge=1)
     replication_factor: int = Field(default=1, ge=1)
