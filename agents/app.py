@@ -121,4 +121,15 @@ def install_ingest_agent(app: faust.App, settings: Settings, service: IngestServ
                 await stream.ack(event)
             log.debug("batch of %d: %s", len(records), report)
 
-    return app.agent(documents, name="vectorstream.ingest", concurrency=1)(ingest)
+    agent = app.agent(documents, name="vectorstream.ingest", concurrency=1)(ingest)
+
+    @app.timer(interval=1.0)
+    async def build_index() -> None:
+        # always build the ANN index: Qdrant Edge indexes only when asked
+        try:
+            await service.maybe_build_index(idle_seconds=settings.store.index_idle_seconds,
+                                            max_unindexed=settings.store.index_max_unindexed_points)
+        except Exception:  # noqa: BLE001 - the next tick tries again; ingest is unaffected
+            log.exception("building the HNSW index failed; will retry")
+
+    return agent

@@ -185,6 +185,9 @@ class IngestService:
         self.dead_letters = dead_letters
         self._sleep = sleep
         self.upsert_batch_points = 512
+        #: chunk points written since the HNSW index was last built, and when the last write happened
+        self.unindexed_points = 0
+        self.last_write = 0.0
 
     # --- the entry point ---------------------------------------------------------------------------------
 
@@ -203,6 +206,25 @@ class IngestService:
         if good:
             await self._retrying(lambda: self._apply(good, report), report)
         return report
+
+    async def maybe_build_index(self, *, idle_seconds: float, max_unindexed: int) -> bool:
+        """Build (extend) the HNSW index once writes went quiet, or when too much is unindexed.
+
+        Qdrant Edge indexes only when asked; a Qdrant server indexes by itself and this is cheap there.
+        """
+        if not self.unindexed_points:
+            return False
+        quiet = time.monotonic() - self.last_write >= idle_seconds
+        if not quiet and self.unindexed_points < max_unindexed:
+            return False
+        pending = self.unindexed_points
+        started = time.perf_counter()
+        await self.store.build_index()
+        self.unindexed_points = max(0, self.unindexed_points - pending)
+        m.INDEX_BUILDS.inc()
+        m.INDEX_BUILD_SECONDS.observe(time.perf_counter() - started)
+        log.info("HNSW index built over %d new points in %.2fs", pending, time.perf_counter() - started)
+        return True
 
     # --- retries ------------------------------------------------------------------------------------------
 
@@ -346,6 +368,8 @@ class IngestService:
         for i in range(0, len(points), self.upsert_batch_points):
             await self.store.upsert_chunks(points[i:i + self.upsert_batch_points])
         m.UPSERT_SECONDS.observe(time.perf_counter() - started)
+        self.unindexed_points += len(points)
+        self.last_write = time.monotonic()
         return ops, len(vectors) - reused, reused, rejected
 
     async def _reusable_vectors(self, ops: list[_Op]) -> dict[tuple[DocKey, str], np.ndarray]:

@@ -38,3 +38,30 @@ BATCH_EVENTS = Histogram(
     "vectorstream_ingest_batch_events", "Events per ingest batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
 )
 BUILD_INFO = Info("vectorstream_build", "Version, model and store backend of this process")
+
+# --- consumption ----------------------------------------------------------------------------------------------
+CONSUMER_LAG = Gauge(
+    "vectorstream_consumer_lag_messages", "Messages behind the end of each assigned documents partition",
+    ["partition"],
+)
+INDEX_BUILDS = Counter("vectorstream_index_builds_total", "HNSW index builds (optimize) run by the worker")
+INDEX_BUILD_SECONDS = Histogram(
+    "vectorstream_index_build_duration_seconds", "Time to build or extend the HNSW index",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+
+# --- queries ------------------------------------------------------------------------------------------------
+QUERY_SECONDS = Histogram(
+    "vectorstream_query_duration_seconds", "From a request's arrival to its reply being produced, by outcome",
+    ["outcome"],  # ok | error
+    buckets=_LATENCY_BUCKETS,
+)
+QUERY_ERRORS = Counter("vectorstream_query_errors_total", "Query error replies, by code", ["code"])
+QUERIES_EXPIRED = Counter("vectorstream_queries_expired_total", "Requests dropped because their deadline had passed")
+QUERY_IN_FLIGHT = Gauge("vectorstream_queries_in_flight", "Queries being served right now")
+QUERY_EMBED_BATCH = Histogram(
+    "vectorstream_query_embedding_batch_size", "Query texts embedded together in one micro-batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+RECALL = Gauge("vectorstream_recall_at_k", "Online recall@k of HNSW against exact search (sampled queries)")
+RECALL_SAMPLES = Counter("vectorstream_recall_samples_total", "Live queries re-run exactly to measure recall")

@@ -74,6 +74,10 @@ class StoreSettings(BaseModel):
     hnsw_ef: int = Field(default=128, ge=1, le=4096)
     #: below this many points (in KB of vectors) Qdrant searches exactly; the default builds HNSW early
     full_scan_threshold_kb: int = Field(default=1, ge=1)
+    #: the worker builds the HNSW index after writes have been quiet this long ...
+    index_idle_seconds: float = Field(default=2.0, gt=0)
+    #: ... or as soon as this many points are unindexed
+    index_max_unindexed_points: int = Field(default=20_000, ge=1)
 
 
 class IngestSettings(BaseModel):

@@ -197,3 +197,14 @@ async def test_crash_between_new_chunks_and_cleanup_leaves_document_searchable_t
     assert report.indexed == 1
     final = await chunks_of(store, "d")
     assert {h.payload[VERSION] for h in final} == {2} and len(final) < old_n
+
+
+async def test_worker_builds_the_hnsw_index_once_writes_go_quiet(service, store, embedder):
+    await service.handle([rec(up(f"d{i}", 1, long_text(f"doc {i}", 20))) for i in range(30)])
+    assert service.unindexed_points > 0
+    assert not await service.maybe_build_index(idle_seconds=3600, max_unindexed=10**9)  # not quiet yet
+    assert await service.maybe_build_index(idle_seconds=0, max_unindexed=10**9)
+    info = await store.inner.open(model=embedder.name, dim=embedder.dim)
+    assert info.extra["indexed_vectors"] == await store.count() > 0
+    assert service.unindexed_points == 0
+    assert not await service.maybe_build_index(idle_seconds=0, max_unindexed=10**9)  # nothing new
