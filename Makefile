@@ -1,0 +1,30 @@
+# The two commands of the README, plus helpers. Every target installs what it needs first, so each
+# works on a fresh clone (Python 3.11+, Java 17 and Maven for the Apache Kafka broker used by tests).
+PYTHON ?= python3
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: install demo test test-all lint schemas bench clean
+
+install:
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]'
+
+## the main job on the embedded defaults: Tansu broker + worker + Qdrant Edge, indexing this repo's docs
+demo: install
+	$(PYTHON) -m pipeline.cli demo
+
+## the whole default test suite (unit, contract, component, integration on Apache Kafka and Tansu)
+test: install
+	$(PYTHON) -m pytest
+
+## the default suite plus the long variants marked slow
+test-all: install
+	$(PYTHON) -m pytest -m ''
+
+lint: install
+	$(PYTHON) -m ruff check .
+
+schemas: install
+	$(PYTHON) -m pipeline.cli schemas
+
+clean:
+	rm -rf .vectorstream .pytest_cache .hypothesis
