@@ -10,6 +10,7 @@ from typing import Any
 import faust
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
+from pipeline import metrics as m
 from pipeline.decode import Record, Rejected
 from pipeline.errors import BrokerUnavailableError
 from pipeline.ingest import IngestService
@@ -132,4 +133,25 @@ def install_ingest_agent(app: faust.App, settings: Settings, service: IngestServ
         except Exception:  # noqa: BLE001 - the next tick tries again; ingest is unaffected
             log.exception("building the HNSW index failed; will retry")
 
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        update_consumer_lag(app, settings.kafka.documents_topic)
+
     return agent
+
+
+def update_consumer_lag(app: faust.App, topic: str) -> None:
+    """Lag per assigned partition: log-end offset minus the committed offset (what a restart would replay)."""
+    consumer = app.consumer
+    assigned = {tp for tp in consumer.assignment() if tp.topic == topic}
+    for tp in assigned:
+        try:
+            highwater = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not fetched yet
+            continue
+        if highwater is None:
+            continue
+        committed = consumer._committed_offset.get(tp)  # faust keeps the last committed offset per partition
+        read = consumer._read_offset.get(tp)
+        position = committed if committed is not None else (read + 1 if read is not None else 0)
+        m.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, highwater - position))
