@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -12,7 +14,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from pipeline import metrics as m
 from pipeline.decode import Record, Rejected
-from pipeline.errors import BrokerUnavailableError
+from pipeline.errors import BreakerOpenError, BrokerUnavailableError
 from pipeline.ingest import IngestService
 from pipeline.settings import Settings
 from schemas.dead_letter import DEAD_LETTER_HEADERS as H
@@ -107,7 +109,8 @@ class FaustDeadLetters:
             raise BrokerUnavailableError(f"dead letter not confirmed by the broker: {exc!r}") from exc
 
 
-def install_ingest_agent(app: faust.App, settings: Settings, service: IngestService) -> Any:
+def install_ingest_agent(app: faust.App, settings: Settings, service: IngestService,
+                         on_halt: Callable[[str], None] | None = None) -> Any:
     documents = app.topic(settings.kafka.documents_topic, key_type=bytes, value_type=bytes,
                           key_serializer="raw", value_serializer="raw")
     cfg = settings.ingest
@@ -117,7 +120,14 @@ def install_ingest_agent(app: faust.App, settings: Settings, service: IngestServ
         # after the store confirmed every write or the dead-letter topic every rejection
         async for events in stream.noack_take(cfg.max_batch_events, within=cfg.max_batch_wait_seconds):
             records = [to_record(e) for e in events]
-            report = await service.handle(records)
+            try:
+                report = await service.handle(records)
+            except BreakerOpenError as exc:
+                # stop consuming: nothing of this batch is acked, lag grows, /readyz and alerts say why
+                log.critical("ingest breaker open: %s", exc)
+                if on_halt is not None:
+                    on_halt(f"ingest breaker open: {exc}")
+                await asyncio.Event().wait()  # until the worker is stopped
             for event in events:
                 await stream.ack(event)
             log.debug("batch of %d: %s", len(records), report)

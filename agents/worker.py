@@ -84,7 +84,11 @@ def run_worker(settings: Settings | None = None) -> int:
 
     app = make_app(settings)
     service = IngestService(settings, store, embedder, FaustDeadLetters(app, settings.kafka.dead_letter_topic))
-    install_ingest_agent(app, settings, service)
+    def halt(reason: str) -> None:
+        if health is not None:
+            health.not_ready_reason = reason
+
+    install_ingest_agent(app, settings, service, on_halt=halt)
     if health is not None:
         health.ready = True
 

@@ -69,6 +69,16 @@ class ModelMismatchError(ConfigurationError):
     reason = "model_mismatch"
 
 
+class BreakerOpenError(VectorstreamError):
+    """Every recent record failed: more likely a bad deploy or a broken producer than bad data.
+
+    Consumption stops (nothing more is dead-lettered or committed) until an operator fixes the cause
+    and restarts the worker; lag grows and alerts fire meanwhile.
+    """
+
+    reason = "breaker_open"
+
+
 # --- transient: retry with backoff, pause consumption, never dead-letter -------------------------------
 
 

@@ -15,6 +15,8 @@ class HealthServer(ThreadingHTTPServer):
     daemon_threads = True
     ready = False
     alive = True
+    #: why the process is not ready although it started (e.g. the ingest breaker is open)
+    not_ready_reason: str | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -28,8 +30,10 @@ class _Handler(BaseHTTPRequestHandler):
             ok = self.server.alive
             body, ctype, status = (b"ok\n" if ok else b"unhealthy\n"), "text/plain", 200 if ok else 503
         elif path == "/readyz":
-            ok = self.server.ready
-            body, ctype, status = (b"ready\n" if ok else b"not ready\n"), "text/plain", 200 if ok else 503
+            ok = self.server.ready and self.server.not_ready_reason is None
+            why = self.server.not_ready_reason or "starting"
+            body = b"ready\n" if ok else f"not ready: {why}\n".encode()
+            ctype, status = "text/plain", 200 if ok else 503
         else:
             body, ctype, status = b"not found\n", "text/plain", 404
         self.send_response(status)

@@ -42,7 +42,7 @@ from pipeline import metrics as m
 from pipeline.chunking import Chunk
 from pipeline.decode import Decoded, Record, Rejected, Tombstone, decode_record
 from pipeline.embedding import Embedder
-from pipeline.errors import VectorstreamError
+from pipeline.errors import BreakerOpenError, VectorstreamError
 from pipeline.settings import Settings
 from pipeline.store.base import (
     ACL_GROUPS,
@@ -188,6 +188,8 @@ class IngestService:
         #: chunk points written since the HNSW index was last built, and when the last write happened
         self.unindexed_points = 0
         self.last_write = 0.0
+        #: dead letters since the last record that was applied (the breaker's evidence)
+        self.consecutive_failures = 0
 
     # --- the entry point ---------------------------------------------------------------------------------
 
@@ -197,12 +199,16 @@ class IngestService:
         m.BATCH_EVENTS.observe(len(records))
         cfg = self.settings.ingest
         good: list[tuple[Record, DocumentUpsert | DocumentDelete | Tombstone]] = []
+        rejected: list[tuple[Record, Rejected]] = []
         for record in records:
             decoded: Decoded = decode_record(record, max_bytes=cfg.max_message_bytes, max_depth=cfg.max_json_depth)
             if isinstance(decoded, Rejected):
-                await self._dead_letter(record, decoded, report)
+                rejected.append((record, decoded))
             else:
                 good.append((record, decoded))
+        for record, why in rejected:
+            # a batch with something good in it is bad data, not a bad deploy: the breaker looks away
+            await self._dead_letter(record, why, report, check_breaker=not good)
         if good:
             await self._retrying(lambda: self._apply(good, report), report)
         return report
@@ -251,8 +257,19 @@ class IngestService:
         finally:
             m.PAUSED.set(0)
 
-    async def _dead_letter(self, record: Record, rejected: Rejected, report: BatchReport) -> None:
+    async def _dead_letter(self, record: Record, rejected: Rejected, report: BatchReport, *,
+                           check_breaker: bool = True) -> None:
+        limit = self.settings.ingest.breaker_consecutive_failures
+        if check_breaker and limit and self.consecutive_failures >= limit:
+            m.BREAKER_OPEN.set(1)
+            raise BreakerOpenError(
+                f"{self.consecutive_failures} records in a row failed (the last: {rejected.reason.value}: "
+                f"{rejected.message}); consumption stopped instead of dead-lettering the whole topic. "
+                "Fix the producer or the deploy, then restart the worker "
+                "(or raise VECTORSTREAM_INGEST__BREAKER_CONSECUTIVE_FAILURES)."
+            )
         await self._retrying(lambda: self.dead_letters.send(record, rejected), report)
+        self.consecutive_failures += 1
         m.DEAD_LETTERS.labels(reason=rejected.reason.value).inc()
         m.EVENTS.labels(outcome="dead_lettered").inc()
         report.dead_lettered += 1
@@ -311,6 +328,8 @@ class IngestService:
         m.EVENTS.labels(outcome="ignored_stale").inc(ignored)
         m.CHUNKS_EMBEDDED.inc(embedded)
         m.CHUNKS_REUSED.inc(reused)
+        if upserts or deletes or ignored:
+            self.consecutive_failures = 0
         report.indexed += len(upserts)
         report.deleted += len(deletes)
         report.ignored += ignored

@@ -34,6 +34,9 @@ FRESHNESS_SECONDS = Histogram(
 )
 RETRIES = Counter("vectorstream_ingest_retries_total", "Transient failures retried, by reason", ["reason"])
 PAUSED = Gauge("vectorstream_ingest_paused", "1 while consumption is paused waiting for a dependency")
+BREAKER_OPEN = Gauge(
+    "vectorstream_ingest_breaker_open", "1 when consumption stopped because every recent record failed"
+)
 BATCH_EVENTS = Histogram(
     "vectorstream_ingest_batch_events", "Events per ingest batch", buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500)
 )

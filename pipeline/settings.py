@@ -86,8 +86,56 @@ class IngestSettings(BaseModel):
     #: a message value larger than this is a dead letter, not a crash
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
     max_json_depth: int = Field(default=16, ge=2)
+    #: after this many consecutive dead letters with no record indexed in between, stop consuming
+    #: (a bad deploy, not bad data); 0 disables the breaker
+    breaker_consecutive_failures: int = Field(default=200, ge=0)
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=10.0, gt=0)
+
+
+#: DEVELOPMENT ONLY: the default HS256 secret. Anyone who reads this can mint tokens for any tenant; set
+#: VECTORSTREAM_QUERY__HS256_SECRET (or use a public key and set the secret to "") anywhere but a laptop.
+DEV_HS256_SECRET = "vectorstream-dev-only-secret-do-not-use-in-production"
+
+
+class QuerySettings(BaseModel):
+    #: HS256 key of the query tokens; the default is a development secret (see DEV_HS256_SECRET); "" disables HS256
+    hs256_secret: SecretStr = SecretStr(DEV_HS256_SECRET)
+    #: PEM public key (RS256/ES256), inline or a path to a file; tokens signed with its private key are accepted
+    public_key: str | None = None
+    #: the ``iss`` and ``aud`` a token must carry
+    issuer: str = "vectorstream"
+    audience: str = "vectorstream-query"
+    #: clock skew tolerated when checking ``exp``
+    leeway_seconds: float = Field(default=5.0, ge=0, le=300)
+    #: lifetime of tokens minted by ``vectorstream token``
+    dev_token_ttl_seconds: int = Field(default=3600, ge=1)
+    #: the largest top_k served; above it a request gets ``top_k_too_large``
+    max_top_k: int = Field(default=100, ge=1, le=1000)
+    #: a request may raise hnsw_ef (default store.hnsw_ef) up to this cap
+    max_hnsw_ef: int = Field(default=1024, ge=1, le=4096)
+    #: queries embedded and searched at the same time ...
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    #: ... and admitted ones waiting for a slot; beyond both a request is answered ``overloaded`` at once
+    max_queue: int = Field(default=256, ge=0, le=100_000)
+    #: query texts arriving within this window are embedded together, up to max_batch of them
+    batch_window_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_batch: int = Field(default=32, ge=1, le=1024)
+    #: a request larger than this is a bad request
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: fraction of live queries re-run with exact search to measure recall (vectorstream_recall_at_k)
+    recall_sample_rate: float = Field(default=0.01, ge=0, le=1)
+    #: recall@k is the mean over this many most recent samples
+    recall_window: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _some_key(self) -> QuerySettings:
+        secret = self.hs256_secret.get_secret_value()
+        if not secret and not self.public_key:
+            raise ValueError("query tokens need a key: set query.hs256_secret or query.public_key")
+        if secret and len(secret.encode()) < 32:
+            raise ValueError("query.hs256_secret must be at least 32 bytes long")
+        return self
 
 
 class MetricsSettings(BaseModel):
@@ -108,6 +156,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     metrics: MetricsSettings = MetricsSettings()
+    query: QuerySettings = QuerySettings()
 
     @cached_property
     def model_path(self) -> str:

@@ -208,3 +208,25 @@ async def test_worker_builds_the_hnsw_index_once_writes_go_quiet(service, store,
     assert info.extra["indexed_vectors"] == await store.count() > 0
     assert service.unindexed_points == 0
     assert not await service.maybe_build_index(idle_seconds=0, max_unindexed=10**9)  # nothing new
+
+
+async def test_breaker_stops_a_bad_deploy_from_draining_the_topic(settings, store, embedder):
+    from pipeline.errors import BreakerOpenError
+
+    s = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"breaker_consecutive_failures": 5})})
+    svc = IngestService(s, store, embedder, RecordingDeadLetters())
+    garbage = [rec(key=b"acme/x", value=b"not json %d" % i, raw=True) for i in range(8)]
+    with pytest.raises(BreakerOpenError, match="5 records in a row failed"):
+        await svc.handle(garbage)
+    assert len(svc.dead_letters.sent) == 5, "stops at the threshold, the rest stays in the topic"
+
+
+async def test_breaker_ignores_bad_records_mixed_with_good_ones(settings, store, embedder):
+    s = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"breaker_consecutive_failures": 3})})
+    svc = IngestService(s, store, embedder, RecordingDeadLetters())
+    for round_ in range(3):
+        batch = [rec(key=b"acme/x", value=b"junk", raw=True) for _ in range(5)]
+        batch.append(rec(up(f"ok{round_}", 1, "a good document")))
+        report = await svc.handle(batch)
+        assert report.dead_lettered == 5 and report.indexed == 1
+    assert svc.consecutive_failures == 0
