@@ -1,4 +1,4 @@
-"""Wire contracts of vectorstream: pydantic v2 models for document events and dead letters.
+"""Wire contracts of vectorstream: pydantic v2 models for document events, dead letters, queries and replies.
 
 JSON Schema files generated from these models live in ``schemas/json`` for producers in other languages.
 """
@@ -12,14 +12,34 @@ from schemas.events import (
     document_key,
     parse_document_key,
 )
+from schemas.queries import (
+    CORRELATION_HEADER,
+    ErrorCode,
+    QueryFailure,
+    QueryFilter,
+    QueryHit,
+    QueryReply,
+    QueryRequest,
+    QueryResult,
+    query_reply_adapter,
+)
 
 __all__ = [
+    "CORRELATION_HEADER",
     "DEAD_LETTER_HEADERS",
     "AccessControl",
     "DeadLetterReason",
     "DocumentDelete",
     "DocumentEvent",
     "DocumentUpsert",
+    "ErrorCode",
+    "QueryFailure",
+    "QueryFilter",
+    "QueryHit",
+    "QueryReply",
+    "QueryRequest",
+    "QueryResult",
     "document_key",
     "parse_document_key",
+    "query_reply_adapter",
 ]

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from schemas.events import document_event_adapter
+from schemas.queries import QueryRequest, query_reply_adapter
 
 OUT = Path(__file__).parent / "json"
 
@@ -17,6 +18,8 @@ def render() -> dict[str, str]:
     """File name -> JSON text for every contract."""
     docs = {
         "document-event.schema.json": document_event_adapter.json_schema(),
+        "query-request.schema.json": QueryRequest.model_json_schema(),
+        "query-reply.schema.json": query_reply_adapter.json_schema(),
     }
     out = {}
     for name, schema in docs.items():
