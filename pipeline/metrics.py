@@ -68,3 +68,27 @@ QUERY_EMBED_BATCH = Histogram(
 )
 RECALL = Gauge("vectorstream_recall_at_k", "Online recall@k of HNSW against exact search (sampled queries)")
 RECALL_SAMPLES = Counter("vectorstream_recall_samples_total", "Live queries re-run exactly to measure recall")
+
+
+# --- every known label value exported from the start ----------------------------------------------------
+def _export_known_label_values() -> None:
+    """Create each bounded label value at zero, so that dashboards show 0 rather than "no data" and rate()
+    sees the first increment (a series born at 1 has no earlier sample to rate against)."""
+    from pipeline.errors import TransientError
+    from schemas.dead_letter import DeadLetterReason
+    from schemas.queries import ErrorCode
+
+    for outcome in ("indexed", "deleted", "ignored_stale", "dead_lettered"):
+        EVENTS.labels(outcome=outcome)
+    for reason in DeadLetterReason:
+        DEAD_LETTERS.labels(reason=reason.value)
+    transient = [TransientError, *TransientError.__subclasses__()]
+    for reason in sorted({cls.reason for cls in transient} | {"unexpected"}):
+        RETRIES.labels(reason=reason)
+    for outcome in ("ok", "error"):
+        QUERY_SECONDS.labels(outcome=outcome)
+    for code in ErrorCode:
+        QUERY_ERRORS.labels(code=code.value)
+
+
+_export_known_label_values()
