@@ -17,7 +17,8 @@ exactly-once. The agent that feeds :meth:`IngestService.handle` relies on these 
 4. Versions only move forward. A registry (one record per document) remembers the newest version
    applied and whether it was deleted. An upsert or delete whose version is not above the stored one
    is ignored; a delete of the same version as a stored upsert wins. A tombstone (null value) deletes
-   whatever version is stored. Within one batch only the newest event per document is applied.
+   whatever version is stored. A batch's events of one document are resolved in offset order against
+   the stored state (``resolve``), and only their net effect is written.
 5. An update first writes the new version's chunks (overwriting the old ones index by index), then
    removes the old version's leftover chunks, then records the new version in the registry. A crash
    between any two steps leaves the old or the new document searchable, never neither, and the replay
@@ -32,7 +33,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -92,61 +93,53 @@ class BatchReport:
 
 @dataclass
 class _Op:
-    """The one event per document that a batch applies."""
+    """The net effect of a batch on one document: write this upsert, or delete it at ``version``."""
 
     key: DocKey
     record: Record
     event: DocumentUpsert | DocumentDelete | Tombstone
-    #: for a tombstone: the newest version seen for the document in this batch, if any
-    version_hint: int = 0
-
-    @property
-    def version(self) -> int | None:
-        return None if isinstance(self.event, Tombstone) else self.event.version
-
-    @property
-    def is_delete(self) -> bool:
-        return not isinstance(self.event, DocumentUpsert)
+    #: the version the registry records afterwards
+    version: int
+    is_delete: bool
 
 
 def _key_of(event: DocumentUpsert | DocumentDelete | Tombstone) -> DocKey:
     return (event.tenant_id, event.doc_id)
 
 
-def collapse(events: Sequence[tuple[Record, DocumentUpsert | DocumentDelete | Tombstone]]) -> list[_Op]:
-    """Keep one event per document: the newest version; a delete beats an upsert of the same version;
-    a tombstone beats everything before it. ``events`` are in consumption (offset) order."""
-    winners: dict[DocKey, _Op] = {}
-    seen_max: dict[DocKey, int] = {}
+def resolve(
+    events: Sequence[tuple[Record, DocumentUpsert | DocumentDelete | Tombstone]],
+    stored: Mapping[DocKey, DocState],
+) -> list[_Op]:
+    """Apply the version rules event by event, starting from the registry's state, and return the net
+    change per document (``events`` in consumption order; one document's events are in offset order).
+
+    - an upsert applies when its version is above the current one;
+    - a delete applies when its version is above the current one, or equal to a live upsert's;
+    - a tombstone deletes whatever is there and keeps the current version;
+    - anything else is stale (a late older version, or a replay) and changes nothing.
+    Documents whose state did not change get no op.
+    """
+    state: dict[DocKey, tuple[int | None, bool]] = {k: (s.version, s.deleted) for k, s in stored.items()}
+    ops: dict[DocKey, _Op] = {}
     for record, event in events:
         key = _key_of(event)
-        current = winners.get(key)
+        version, deleted = state.get(key, (None, False))
         if isinstance(event, Tombstone):
-            winners[key] = _Op(key, record, event, version_hint=seen_max.get(key, 0))
-            continue
-        seen_max[key] = max(seen_max.get(key, 0), event.version)
-        if current is None:
-            winners[key] = _Op(key, record, event)
-        elif isinstance(current.event, Tombstone):
-            if event.version > current.version_hint:
-                winners[key] = _Op(key, record, event)
-        elif event.version > current.event.version or (
-            event.version == current.event.version and isinstance(event, DocumentDelete)
-        ):
-            winners[key] = _Op(key, record, event)
-    return list(winners.values())
-
-
-def is_stale(op: _Op, stored: DocState | None) -> bool:
-    """True when the registry already holds this version or a newer one."""
-    if stored is None or op.version is None:
-        return False
-    if op.version < stored.version:
-        return True
-    if op.version == stored.version:
-        # the same version again is a replay, unless it is a delete of a stored upsert
-        return not (op.is_delete and not stored.deleted)
-    return False
+            if deleted:
+                continue
+            new = (version or 0, True)
+        elif isinstance(event, DocumentDelete):
+            if version is not None and (event.version < version or (event.version == version and deleted)):
+                continue
+            new = (event.version, True)
+        else:
+            if version is not None and event.version <= version:
+                continue
+            new = (event.version, False)
+        state[key] = new
+        ops[key] = _Op(key, record, event, new[0], new[1])
+    return list(ops.values())
 
 
 def chunk_payload(event: DocumentUpsert, chunk: Chunk, model: str) -> dict:
@@ -283,19 +276,12 @@ class IngestService:
         self, events: Sequence[tuple[Record, DocumentUpsert | DocumentDelete | Tombstone]], report: BatchReport
     ) -> None:
         # a retry starts again from the same events: everything below is idempotent
-        ops = collapse(events)
-        applied_here = len(events) - len(ops)  # older events of a document superseded within the batch
-        states = await self.store.get_doc_states([op.key for op in ops])
-        upserts: list[_Op] = []
-        deletes: list[_Op] = []
-        ignored = applied_here
-        for op in ops:
-            if is_stale(op, states.get(op.key)):
-                ignored += 1
-            elif op.is_delete:
-                deletes.append(op)
-            else:
-                upserts.append(op)
+        keys = list(dict.fromkeys(_key_of(ev) for _, ev in events))
+        states = await self.store.get_doc_states(keys)
+        ops = resolve(events, states)
+        ignored = len(events) - len(ops)  # stale, replayed, or superseded within the batch
+        upserts = [op for op in ops if not op.is_delete]
+        deletes = [op for op in ops if op.is_delete]
 
         new_states: list[DocState] = []
         embedded = reused = 0
@@ -312,10 +298,7 @@ class IngestService:
         for op in deletes:
             tenant_id, doc_id = op.key
             await self.store.delete_chunks(tenant_id, doc_id)
-            stored = states.get(op.key)
-            version = op.version if op.version is not None else max(
-                op.version_hint, stored.version if stored else 0)
-            new_states.append(DocState(tenant_id, doc_id, version, True, 0, ()))
+            new_states.append(DocState(tenant_id, doc_id, op.version, True, 0, ()))
         if new_states:
             await self.store.put_doc_states(new_states)
 

@@ -1,9 +1,11 @@
-"""Within a batch only the newest event per document applies; against the registry versions only move forward."""
+"""Version rules: a batch's events per document are resolved in order against the stored state."""
 
 from pipeline.decode import Record, Tombstone
-from pipeline.ingest import collapse, is_stale
+from pipeline.ingest import resolve
 from pipeline.store.base import DocState
 from schemas.events import DocumentDelete, DocumentUpsert
+
+K = ("acme", "a")
 
 
 def up(doc, v, t="acme"):
@@ -14,51 +16,53 @@ def de(doc, v, t="acme"):
     return DocumentDelete(type="delete", tenant_id=t, doc_id=doc, version=v)
 
 
-def batch(*events):
-    return [(Record("t", 0, i, None, None), e) for i, e in enumerate(events)]
-
-
-def winners(*events):
-    return {op.key: op.event for op in collapse(batch(*events))}
+def net(*events, stored=None):
+    batch = [(Record("t", 0, i, None, None), e) for i, e in enumerate(events)]
+    return {op.key: op for op in resolve(batch, stored or {})}
 
 
 def test_newest_version_wins_whatever_the_order():
-    assert winners(up("a", 1), up("a", 3), up("a", 2))[("acme", "a")] == up("a", 3)
+    assert net(up("a", 1), up("a", 3), up("a", 2))[K].event == up("a", 3)
 
 
-def test_delete_beats_upsert_of_same_version():
-    assert winners(up("a", 2), de("a", 2))[("acme", "a")] == de("a", 2)
-    assert winners(de("a", 2), up("a", 2))[("acme", "a")] == de("a", 2)
+def test_delete_beats_upsert_of_same_version_in_either_order():
+    assert net(up("a", 2), de("a", 2))[K].is_delete
+    assert net(de("a", 2), up("a", 2))[K].is_delete
 
 
 def test_newer_upsert_beats_older_delete():
-    assert winners(de("a", 2), up("a", 3))[("acme", "a")] == up("a", 3)
+    op = net(de("a", 2), up("a", 3))[K]
+    assert not op.is_delete and op.version == 3
 
 
-def test_tombstone_beats_everything_before_it_and_remembers_the_version():
-    ops = collapse(batch(up("a", 5), Tombstone("acme", "a")))
-    assert isinstance(ops[0].event, Tombstone) and ops[0].version_hint == 5
+def test_tombstone_deletes_and_keeps_the_version():
+    op = net(up("a", 5), Tombstone("acme", "a"))[K]
+    assert op.is_delete and op.version == 5
+    op = net(Tombstone("acme", "a"), stored={K: DocState("acme", "a", 9)})[K]
+    assert op.is_delete and op.version == 9
 
 
-def test_newer_upsert_after_tombstone_wins_but_not_an_older_one():
-    assert winners(up("a", 5), Tombstone("acme", "a"), up("a", 6))[("acme", "a")] == up("a", 6)
-    assert isinstance(winners(up("a", 5), Tombstone("acme", "a"), up("a", 4))[("acme", "a")], Tombstone)
+def test_upsert_after_tombstone_applies_only_if_newer_than_the_store():
+    # the bug the consistency checker found: a stale upsert after a tombstone must not undo the tombstone
+    stored = {K: DocState("acme", "a", 7)}
+    assert net(Tombstone("acme", "a"), up("a", 4), stored=stored)[K].is_delete
+    assert net(Tombstone("acme", "a"), up("a", 7), stored=stored)[K].is_delete
+    op = net(Tombstone("acme", "a"), up("a", 8), stored=stored)[K]
+    assert not op.is_delete and op.version == 8
 
 
 def test_documents_and_tenants_are_independent():
-    w = winners(up("a", 1), up("b", 1), up("a", 1, t="other"))
-    assert set(w) == {("acme", "a"), ("acme", "b"), ("other", "a")}
+    assert set(net(up("a", 1), up("b", 1), up("a", 1, t="other"))) == {K, ("acme", "b"), ("other", "a")}
 
 
-def test_stale_rules():
-    stored = DocState("acme", "a", version=5)
-    ops = {op.key: op for op in collapse(batch(up("a", 4)))}
-    assert is_stale(ops[("acme", "a")], stored)                       # older: ignored
-    assert is_stale(collapse(batch(up("a", 5)))[0], stored)           # same: a replay
-    assert not is_stale(collapse(batch(up("a", 6)))[0], stored)       # newer: applied
-    assert not is_stale(collapse(batch(de("a", 5)))[0], stored)       # delete of same version wins
-    deleted = DocState("acme", "a", version=5, deleted=True)
-    assert is_stale(collapse(batch(de("a", 5)))[0], deleted)          # deleting twice is a replay
-    assert is_stale(collapse(batch(up("a", 5)))[0], deleted)          # delete wins over same-version upsert
-    assert not is_stale(collapse(batch(Tombstone("acme", "a")))[0], stored)
-    assert not is_stale(collapse(batch(up("a", 0)))[0], None)
+def test_stale_and_replayed_events_produce_no_op():
+    stored = {K: DocState("acme", "a", 5)}
+    assert net(up("a", 4), stored=stored) == {}            # older: ignored
+    assert net(up("a", 5), stored=stored) == {}            # same: a replay
+    assert net(up("a", 6), stored=stored)[K].version == 6  # newer: applied
+    assert net(de("a", 5), stored=stored)[K].is_delete     # delete of the same version wins
+    deleted = {K: DocState("acme", "a", 5, deleted=True)}
+    assert net(de("a", 5), stored=deleted) == {}           # deleting twice is a replay
+    assert net(up("a", 5), stored=deleted) == {}           # delete wins over same-version upsert
+    assert net(Tombstone("acme", "a"), stored=deleted) == {}
+    assert net(up("a", 0))[K].version == 0
