@@ -51,6 +51,8 @@ def make_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=k.commit_interval_seconds,
+        broker_session_timeout=k.session_timeout_seconds,
+        broker_heartbeat_interval=k.heartbeat_interval_seconds,
         broker_commit_every=1000,
         producer_max_request_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),
         consumer_max_fetch_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),

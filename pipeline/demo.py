@@ -119,6 +119,9 @@ def run_demo(data_dir: str, tenant: str, source: str) -> int:
             **os.environ,
             "VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "VECTORSTREAM_KAFKA__GROUP_ID": "vectorstream-demo",
+            # Tansu holds a group join for about half the session timeout: keep it short on one machine
+            "VECTORSTREAM_KAFKA__SESSION_TIMEOUT_SECONDS": "3",
+            "VECTORSTREAM_KAFKA__HEARTBEAT_INTERVAL_SECONDS": "1",
             "VECTORSTREAM_STORE__BACKEND": "edge",
             "VECTORSTREAM_STORE__PATH": str(data / "qdrant-edge"),
             "VECTORSTREAM_METRICS__PORT": str(metrics_port),

@@ -31,6 +31,9 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    #: a member silent this long is dropped from the group (Tansu's joins take about half of it)
+    session_timeout_seconds: float = Field(default=10.0, ge=1)
+    heartbeat_interval_seconds: float = Field(default=2.0, gt=0)
     #: how often acked offsets are committed; a crash replays at most this much already-written work
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     #: partitions used when the worker has to create a topic itself

@@ -48,6 +48,8 @@ class WorkerProcess:
             "VECTORSTREAM_METRICS__PORT": str(self.metrics_port),
             "VECTORSTREAM_METRICS__HOST": "127.0.0.1",
             "VECTORSTREAM_INGEST__MAX_BATCH_WAIT_SECONDS": "0.2",
+            "VECTORSTREAM_KAFKA__SESSION_TIMEOUT_SECONDS": "3",
+            "VECTORSTREAM_KAFKA__HEARTBEAT_INTERVAL_SECONDS": "1",
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None
