@@ -26,7 +26,7 @@ DLQ_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create the documents and dead-letter topics if they do not exist."""
+    """Create the documents, dead-letter, queries and replies topics if they do not exist."""
     k = settings.kafka
     admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, request_timeout_ms=15000)
     await admin.start()
@@ -36,6 +36,8 @@ async def ensure_topics(settings: Settings) -> None:
             NewTopic(k.documents_topic, k.partitions, k.replication_factor),
             NewTopic(k.dead_letter_topic, k.partitions, k.replication_factor,
                      topic_configs={"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)}),
+            NewTopic(k.queries_topic, k.partitions, k.replication_factor),
+            NewTopic(k.replies_topic, k.partitions, k.replication_factor),
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
@@ -89,6 +91,15 @@ def run_worker(settings: Settings | None = None) -> int:
             health.not_ready_reason = reason
 
     install_ingest_agent(app, settings, service, on_halt=halt)
+    # the query agent shares this process's store: Qdrant Edge is in-process and locks its folder
+    from agents.query import FaustReplies, install_query_agent
+    from pipeline.query import QueryService
+
+    queries = QueryService(settings, store, embedder, FaustReplies(app))
+    if queries.verifier.uses_dev_secret:
+        log.warning("query tokens are checked with the DEVELOPMENT secret: anyone can mint them; "
+                    "set VECTORSTREAM_QUERY__HS256_SECRET or VECTORSTREAM_QUERY__PUBLIC_KEY outside a laptop")
+    install_query_agent(app, queries, settings.kafka.queries_topic)
     if health is not None:
         health.ready = True
 

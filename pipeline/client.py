@@ -1,15 +1,30 @@
-"""The producer side of vectorstream: publish document events (and tombstones) with the right key.
+"""The client side of vectorstream: publish document events (and tombstones), and ask questions over Kafka.
 
 This and the broker harness are the only places in ``pipeline`` that talk to Kafka directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import collections
+import contextlib
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from schemas.events import DocumentDelete, DocumentUpsert, document_key
+from schemas.queries import (
+    CORRELATION_HEADER,
+    ErrorCode,
+    QueryFailure,
+    QueryRequest,
+    QueryResult,
+    query_reply_adapter,
+)
 
 
 class DocumentPublisher:
@@ -51,3 +66,215 @@ class DocumentPublisher:
 
     async def flush(self) -> None:
         await self._producer.flush()
+
+
+# --- queries ------------------------------------------------------------------------------------------------
+
+
+class QueryFailed(Exception):
+    """The server answered a query with an error reply."""
+
+    def __init__(self, reply: QueryFailure) -> None:
+        super().__init__(f"{reply.error.code.value}: {reply.error.message}")
+        self.reply = reply
+        self.code: ErrorCode = reply.error.code
+        self.retriable = reply.error.retriable
+
+
+class QueryClient:
+    """Publishes query requests and awaits their replies by correlation id, each with a timeout.
+
+    It reads the whole reply topic from its end (no consumer group), so many clients can share one reply
+    topic; replies of other clients are ignored, and so is a second reply to the same request (a server
+    crash between producing a reply and acking the request replays it).
+
+    ``async with QueryClient(bootstrap, tenant="acme", token=t) as c: result = await c.ask("question")``
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        queries_topic: str = "vectorstream.queries",
+        replies_topic: str = "vectorstream.replies",
+        tenant: str | None = None,
+        token: str | None = None,
+        startup_timeout: float = 60.0,
+        **client_options: Any,
+    ) -> None:
+        self.queries_topic = queries_topic
+        self.replies_topic = replies_topic
+        self.tenant = tenant
+        self.token = token
+        self.startup_timeout = startup_timeout
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=0, **client_options)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
+                                          enable_auto_commit=False, fetch_max_wait_ms=20, **client_options)
+        self._waiting: dict[str, asyncio.Future[QueryResult | QueryFailure]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        #: replies read per request id of this client (a value above 1 is a duplicate reply)
+        self.replies_seen: collections.Counter[str] = collections.Counter()
+
+    async def __aenter__(self) -> QueryClient:
+        await self._producer.start()
+        try:
+            await self._consumer.start()
+            partitions = await self._reply_partitions()
+            self._consumer.assign(partitions)
+            await self._consumer.seek_to_end(*partitions)
+            for tp in partitions:  # resolve the end offsets now, before any request is sent
+                await self._consumer.position(tp)
+        except BaseException:
+            await self._consumer.stop()
+            await self._producer.stop()
+            raise
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="query-client-replies")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        for fut in self._waiting.values():
+            fut.cancel()
+        self._waiting.clear()
+        await self._consumer.stop()
+        await self._producer.stop()
+
+    async def _reply_partitions(self) -> list[TopicPartition]:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            parts: set[int] | None = None
+            if self.replies_topic in await self._consumer.topics():
+                with contextlib.suppress(KafkaError):
+                    parts = await self._producer.partitions_for(self.replies_topic)
+            if parts:
+                return [TopicPartition(self.replies_topic, p) for p in sorted(parts)]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reply topic {self.replies_topic!r} does not exist (is a worker running?)")
+            await asyncio.sleep(0.5)
+
+    async def _read(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    self._dispatch(record)
+
+    def _dispatch(self, record: Any) -> None:
+        headers = dict(record.headers or ())
+        raw_id = headers.get(CORRELATION_HEADER) or record.key or b""
+        request_id = raw_id.decode("utf-8", "replace")
+        if request_id not in self.replies_seen and request_id not in self._waiting:
+            return  # another client's reply
+        self.replies_seen[request_id] += 1
+        fut = self._waiting.pop(request_id, None)
+        if fut is None or fut.done():
+            return
+        try:
+            fut.set_result(query_reply_adapter.validate_json(record.value))
+        except Exception as exc:  # noqa: BLE001 - an unreadable reply fails that request only
+            fut.set_exception(exc)
+
+    # --- the API ------------------------------------------------------------------------------------------
+
+    def new_request(self, query: str, *, tenant: str | None = None, token: str | None = None, top_k: int = 10,
+                    filter: Mapping[str, Any] | None = None, hnsw_ef: int | None = None, exact: bool = False,
+                    with_text: bool = True, with_metadata: bool = True, timeout: float = 10.0,
+                    request_id: str | None = None) -> QueryRequest:
+        search = {"hnsw_ef": hnsw_ef, "exact": exact} if (hnsw_ef is not None or exact) else None
+        return QueryRequest.model_validate({
+            "request_id": request_id or uuid.uuid4().hex,
+            "tenant_id": tenant or self.tenant,
+            "token": token if token is not None else self.token,
+            "query": query,
+            "top_k": top_k,
+            "filter": dict(filter) if filter is not None else None,
+            "search": search,
+            "with_text": with_text,
+            "with_metadata": with_metadata,
+            "reply_topic": self.replies_topic,
+            "deadline_ms": int((time.time() + timeout) * 1000),
+        })
+
+    async def request(
+        self,
+        req: QueryRequest,
+        timeout: float | None = None,  # noqa: ASYNC109 - how long to wait for the reply, not for one call
+    ) -> QueryResult | QueryFailure:
+        """Send ``req`` and return its reply (a result or an error reply); TimeoutError when none arrives
+        in ``timeout`` seconds (default: until the request's deadline, plus a second for the reply's trip)."""
+        if timeout is None:
+            timeout = max(req.deadline_ms / 1000 - time.time(), 0) + 1.0
+        value = req.model_dump_json(exclude_none=True).encode()
+        return await self.send_raw(req.request_id.encode(), value, request_id=req.request_id, timeout=timeout)
+
+    async def ask(
+        self,
+        query: str,
+        *,
+        timeout: float = 10.0,  # noqa: ASYNC109 - it also sets the request's deadline
+        **options: Any,
+    ) -> QueryResult:
+        """Ask a question; the result, or QueryFailed for an error reply, or TimeoutError."""
+        reply = await self.request(self.new_request(query, timeout=timeout, **options))
+        if isinstance(reply, QueryFailure):
+            raise QueryFailed(reply)
+        return reply
+
+    async def send_raw(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        request_id: str,
+        timeout: float = 10.0,  # noqa: ASYNC109 - how long to wait for the reply
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> QueryResult | QueryFailure:
+        """Publish bytes as they are and await the reply correlated by ``request_id`` (tests and tools)."""
+        fut = self.expect(request_id)
+        try:
+            await self._producer.send_and_wait(self.queries_topic, value, key=key, headers=headers)
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            if self._waiting.get(request_id) is fut:
+                del self._waiting[request_id]
+
+    def expect(self, request_id: str) -> asyncio.Future[QueryResult | QueryFailure]:
+        """A future for the reply to ``request_id`` (register before sending)."""
+        fut = self._waiting.get(request_id)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting[request_id] = fut
+        return fut
+
+    async def publish_only(self, key: bytes | None, value: bytes | None) -> None:
+        """Publish a request without waiting for a reply (e.g. one that should get none)."""
+        await self._producer.send_and_wait(self.queries_topic, value, key=key)
+
+
+def hits_table(result: QueryResult, *, width: int = 100) -> str:
+    """The hits of a result as a plain-text table: rank, score, document, chunk, title and text."""
+    rows = [("#", "score", "doc_id", "chunk", "title / text")]
+    for i, hit in enumerate(result.hits, 1):
+        text = " ".join((hit.text or "").split())
+        body = hit.title if not text else f"{hit.title} | {text}" if hit.title else text
+        rows.append((str(i), f"{hit.score:.3f}", hit.doc_id, str(hit.chunk_index), body))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    widths[2] = min(widths[2], 40)
+    rest = max(width - sum(widths) - 8, 20)
+    lines = []
+    for r in rows:
+        cells = [r[0].rjust(widths[0]), r[1].rjust(widths[1]), _clip(r[2], widths[2]).ljust(widths[2]),
+                 r[3].rjust(widths[3]), _clip(r[4], rest)]
+        lines.append("  ".join(cells))
+    lines.insert(1, "-" * min(width, len(max(lines, key=len))))
+    if not result.hits:
+        lines.append("(no readable chunk matches)")
+    return "\n".join(lines)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: max(n - 1, 0)] + "…"
