@@ -278,3 +278,35 @@ def hits_table(result: QueryResult, *, width: int = 100) -> str:
 
 def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: max(n - 1, 0)] + "…"
+
+
+async def run_query_command(query: str, *, tenant: str, token: str | None = None, user: str = "cli",
+                            groups: list[str] | None = None, top_k: int = 10, filter_json: str | None = None,
+                            hnsw_ef: int | None = None, exact: bool = False, with_text: bool = True,
+                            wait: float = 30.0) -> int:
+    """``vectorstream query``: ask one question over Kafka and print the hits as a table."""
+    import json
+    import sys
+
+    from pipeline.auth import mint_token
+    from pipeline.settings import Settings
+
+    settings = Settings()
+    k = settings.kafka
+    if token is None:  # a development token for the tenant, signed with the configured secret
+        token = mint_token(settings.query, tenant=tenant, user=user, groups=groups or [])
+    flt = json.loads(filter_json) if filter_json else None
+    async with QueryClient(k.bootstrap_servers, queries_topic=k.queries_topic, replies_topic=k.replies_topic,
+                           tenant=tenant, token=token, startup_timeout=min(wait, 30.0)) as client:
+        try:
+            result = await client.ask(query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact,
+                                      with_text=with_text, timeout=wait)
+        except QueryFailed as exc:
+            print(f"error {exc.code.value}: {exc.reply.error.message}", file=sys.stderr)
+            return 1
+        except TimeoutError:
+            print(f"no reply within {wait:.0f} s (is a worker running on {k.bootstrap_servers}?)", file=sys.stderr)
+            return 1
+    print(hits_table(result))
+    print(f"\n{len(result.hits)} hits for tenant {tenant!r} in {result.took_ms:.1f} ms ({result.model})")
+    return 0
