@@ -655,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "VECTORSTREAM_STORE__PATH": str(work / "qdrant-edge"),
                 "VECTORSTREAM_METRICS__PORT": str(metrics_port), "VECTORSTREAM_METRICS__HOST": "127.0.0.1",
                 "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": str(args.recall_sample_rate),
+                "APP_DATADIR": str(work / "faust"),  # faust's table folder, else <group>-data in the repo
             }
             with Prometheus(tools[0], work, {"vectorstream-ingest": [f"127.0.0.1:{metrics_port}"]}) as prom:
                 log = work / "worker.log"

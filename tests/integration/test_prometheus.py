@@ -103,7 +103,8 @@ def run(tools: tuple[str, str], apache_kafka, tmp_path_factory: pytest.TempPathF
         bootstrap=bootstrap, store_path=tmp / "edge", topic=topics.documents, dlq=topics.dead_letters,
         group=f"{topics.documents}.group", log_path=tmp / "worker.log",
         extra_env={**topics.env(), "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": "1",
-                   "VECTORSTREAM_STORE__INDEX_IDLE_SECONDS": "0.5"},
+                   "VECTORSTREAM_STORE__INDEX_IDLE_SECONDS": "0.5",
+                   "APP_DATADIR": str(tmp / "faust")},  # faust's table folder, else <group>-data in the repo
     ).start()
     prom = Prometheus(tools[0], tmp, {JOB: [f"127.0.0.1:{worker.metrics_port}"]}).start()
     try:
@@ -115,6 +116,8 @@ def run(tools: tuple[str, str], apache_kafka, tmp_path_factory: pytest.TempPathF
         total = DOCS + len(BAD_RECORDS) + RESENT + DELETED
         prom.wait_for("sum(vectorstream_events_total)", lambda v: v >= total)
         prom.wait_for("count(vectorstream_consumer_lag_messages)", lambda v: v >= 1, timeout=30)
+        # lag is reported every 5 s: wait for the report after the last commit
+        prom.wait_for("sum(vectorstream_consumer_lag_messages)", lambda v: v == 0, timeout=30)
         prom.wait_for("sum(vectorstream_index_builds_total)", lambda v: v >= 1)
         if serves:
             prom.wait_for("sum(vectorstream_recall_samples_total)", lambda v: v >= 1)
