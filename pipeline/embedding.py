@@ -1,7 +1,7 @@
 """Sentence-transformers embedding: normalized vectors for cosine, batched by a token budget.
 
-Texts are sorted by length so a batch pads little, and encoding runs in a worker thread so the event
-loop keeps consuming and upserting meanwhile. The default model is the packaged all-MiniLM-L6-v2.
+Texts are sorted by length so a batch pads little, and encoding runs in a worker thread on the backend chosen
+in settings (PyTorch, ONNX Runtime or OpenVINO, see ``pipeline.backends``) so the event loop keeps going.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.backends import load_backend
 from pipeline.chunking import Chunker
 from pipeline.settings import PACKAGED_MODEL, Settings
 
@@ -69,8 +70,14 @@ class Embedder:
         self._special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.batch_token_budget = settings.model.batch_token_budget
-        log.info("loaded model %s (dim %d, max_seq_length %d, %d threads)", self.name, self.dim,
-                 self.max_seq_length, threads)
+        cfg = settings.model
+        self.backend, self.quality = load_backend(
+            cfg.backend, self.model, model_name=self.name, model_path=settings.model_path, threads=threads,
+            cache_dir=cfg.cache_dir, min_cosine=cfg.min_mean_cosine, force=cfg.force_backend,
+        )
+        self.backend_label: str = self.backend.label
+        log.info("loaded model %s on %s (dim %d, max_seq_length %d, %d threads, mean cosine to fp32 %.4f)",
+                 self.name, self.backend_label, self.dim, self.max_seq_length, threads, self.quality["mean_cosine"])
 
     def chunker(self) -> Chunker:
         """A chunker whose windows fit this model: chunk_tokens capped by max_seq_length less specials."""
@@ -90,14 +97,7 @@ class Embedder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         padded = [min(n + self._special, self.max_seq_length) for n in lengths]
         for batch in token_budget_batches(padded, self.batch_token_budget):
-            vecs = self.model.encode(
-                [texts[i] for i in batch],
-                batch_size=len(batch),
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            out[batch] = vecs
+            out[batch] = self.backend.encode_batch([texts[i] for i in batch])
         return out
 
     async def encode(self, texts: Sequence[str], lengths: Sequence[int] | None = None) -> np.ndarray:

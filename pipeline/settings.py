@@ -45,7 +45,17 @@ class ModelSettings(BaseModel):
     #: a sentence-transformers model name or folder; the default is the packaged all-MiniLM-L6-v2
     name: str = PACKAGED_MODEL
     device: str = "cpu"
-    #: torch intra-op threads for embedding; 0 means one per core
+    #: how embeddings are computed: "torch" (PyTorch fp32), "onnx" / "onnx-int8" (ONNX Runtime), "openvino" /
+    #: "openvino-int8"; exported models are made on first use and cached in cache_dir
+    backend: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = "torch"
+    #: where exported models are cached (keyed by model, backend and CPU instruction set);
+    #: empty means $XDG_CACHE_HOME/vectorstream/models (~/.cache/vectorstream/models)
+    cache_dir: Path | None = None
+    #: quality guard: a backend whose mean cosine to PyTorch fp32 on the calibration set is lower is refused ...
+    min_mean_cosine: float = Field(default=0.99, ge=0, le=1)
+    #: ... unless this is set
+    force_backend: bool = False
+    #: intra-op threads for embedding (every backend); 0 means one per core
     threads: int = Field(default=0, ge=0)
     #: padded tokens per embedding batch (batch size x longest sequence)
     batch_token_budget: int = Field(default=16384, ge=256)
@@ -81,6 +91,9 @@ class StoreSettings(BaseModel):
     index_idle_seconds: float = Field(default=2.0, gt=0)
     #: ... or as soon as this many points are unindexed
     index_max_unindexed_points: int = Field(default=20_000, ge=1)
+    #: CHAOS TESTING ONLY: while this file exists, every store call fails (or, when the file says
+    #: "slow <seconds>", is delayed); see pipeline/store/faulty.py. Leave unset in production.
+    fault_file: Path | None = None
 
 
 class IngestSettings(BaseModel):
