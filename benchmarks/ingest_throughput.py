@@ -1,0 +1,240 @@
+"""End-to-end ingest (Kafka -> worker -> Qdrant Edge) next to the embedder alone and a plain encode loop.
+
+One run, the same chunk texts for all three: scifact abstracts, a real Apache Kafka and a real worker process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    Doc,
+    batched,
+    load_corpus,
+    machine_info,
+    offline,
+    peak_rss_bytes,
+    say,
+    table,
+    write_results,
+)
+
+#: a plain loop encodes this many texts per call, as a naive consumer would per poll
+PLAIN_BATCH = 32
+DEFAULT_DOCS = 800
+
+
+@dataclass
+class Measured:
+    name: str
+    chunks: int
+    seconds: float
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.chunks / self.seconds if self.seconds else 0.0
+
+
+def chunk_texts(embedder: Any, docs: list[Doc]) -> tuple[list[str], list[int]]:
+    """The chunks the worker will embed for these documents, exactly as the ingest service makes them."""
+    chunker = embedder.chunker()
+    texts: list[str] = []
+    lengths: list[int] = []
+    for d in docs:
+        for c in chunker.split(chunker.document_text(d.title, d.text)):
+            texts.append(c.text)
+            lengths.append(c.tokens)
+    return texts, lengths
+
+
+def measure_embedder(embedder: Any, texts: list[str], lengths: list[int]) -> Measured:
+    embedder.encode_sync(texts[:64], lengths[:64])  # warm-up: first-call allocations
+    started = time.perf_counter()
+    embedder.encode_sync(texts, lengths)
+    seconds = time.perf_counter() - started
+    return Measured(f"Embedder.encode_sync ({embedder.backend_label})", len(texts), seconds,
+                    "token-budget batches sorted by length")
+
+
+def measure_plain_loop(model_path: str, texts: list[str]) -> Measured:
+    """The baseline: stock SentenceTransformer (PyTorch), encode() per 32 texts in arrival order."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_path, device="cpu")
+    model.encode(texts[:PLAIN_BATCH], batch_size=PLAIN_BATCH)
+    started = time.perf_counter()
+    for batch in batched(texts, PLAIN_BATCH):
+        model.encode(list(batch), batch_size=PLAIN_BATCH, normalize_embeddings=True, show_progress_bar=False)
+    seconds = time.perf_counter() - started
+    del model
+    return Measured("plain SentenceTransformer.encode loop (torch)", len(texts), seconds,
+                    f"encode() per {PLAIN_BATCH} texts in arrival order, default threads")
+
+
+async def _publish(bootstrap: str, topic: str, docs: list[Doc], tenant: str) -> None:
+    from pipeline.client import DocumentPublisher
+    from schemas.events import AccessControl, DocumentUpsert
+
+    events = [
+        DocumentUpsert(type="upsert", tenant_id=tenant, doc_id=d.id, version=1, title=d.title[:1000], text=d.text,
+                       access=AccessControl(public=True))
+        for d in docs
+    ]
+    async with DocumentPublisher(bootstrap, topic) as pub:
+        await pub.publish_many(events)
+
+
+def start_worker(bootstrap: str, store_path: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> Any:
+    """A real ``vectorstream worker`` subprocess on its own topic, group and store folder."""
+    from pipeline.broker import create_topics
+    from tests.integration.workers import WorkerProcess
+
+    run = uuid.uuid4().hex[:8]
+    worker = WorkerProcess(
+        bootstrap=bootstrap,
+        store_path=store_path,
+        topic=f"bench.documents.{run}",
+        dlq=f"bench.documents.dlq.{run}",
+        group=f"bench-{run}",
+        log_path=log_path,
+        extra_env=extra_env,
+    )
+    worker.topic = f"bench.documents.{run}"
+    asyncio.run(create_topics(bootstrap, {worker.topic: 3, f"bench.documents.dlq.{run}": 3}))
+    return worker.start()
+
+
+def chunks_embedded(worker: Any) -> float:
+    return (worker.metrics() or {}).get("vectorstream_chunks_embedded_total", 0.0)
+
+
+def measure_end_to_end(bootstrap: str, docs: list[Doc], scratch: Path, expected_chunks: int,
+                       extra_env: dict[str, str] | None = None) -> tuple[Measured, dict[str, Any]]:
+    """Wall time from the first event published to the worker's metrics showing every event processed."""
+    worker = start_worker(bootstrap, scratch / "edge", scratch / "worker.log", extra_env)
+    try:
+        say("worker starting; warming it up with one document")
+        asyncio.run(_publish(bootstrap, worker.topic, docs[:1], tenant="warmup"))
+        worker.wait_events(1, timeout=300)
+        base_events = worker.events()
+        base_chunks = chunks_embedded(worker)
+        say(f"publishing {len(docs)} documents ({expected_chunks} chunks)")
+        started = time.perf_counter()
+        asyncio.run(_publish(bootstrap, worker.topic, docs, tenant="bench"))
+        published = time.perf_counter() - started
+        last_report = time.monotonic()
+        deadline = time.monotonic() + 3600
+        while True:
+            done = worker.events() - base_events
+            if done >= len(docs):
+                break
+            if worker.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker stopped or stalled at {done}/{len(docs)}:\n{worker.log_tail()}")
+            if time.monotonic() - last_report > 15:
+                say(f"  ... {done:.0f}/{len(docs)} events, {time.perf_counter() - started:.0f}s")
+                last_report = time.monotonic()
+            time.sleep(0.05)
+        seconds = time.perf_counter() - started
+        embedded = chunks_embedded(worker) - base_chunks
+        rss, hwm = peak_rss_bytes(worker.proc.pid)
+        detail = {"publish_seconds": round(published, 3), "chunks_embedded": embedded,
+                  "worker_rss_bytes": rss, "worker_peak_rss_bytes": hwm}
+        note = f"worker peak RSS {hwm / 2**20:.0f} MiB; {embedded:.0f} chunks embedded per its metrics"
+        return Measured("end to end: Kafka -> worker -> Qdrant Edge", expected_chunks, seconds, note), detail
+    finally:
+        worker.terminate()
+
+
+def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
+    offline()
+    from pipeline.broker import ApacheKafka
+    from pipeline.embedding import Embedder
+    from pipeline.settings import Settings
+
+    settings = Settings(_env_file=None)
+    machine = machine_info()
+    docs = load_corpus(docs_n)
+    say(f"loading the embedder (backend {settings.model.backend})")
+    embedder = Embedder(settings)
+    texts, lengths = chunk_texts(embedder, docs)
+    say(f"{len(docs)} scifact documents -> {len(texts)} chunks, {sum(lengths) / len(lengths):.0f} tokens on average")
+
+    scratch = Path(tempfile.mkdtemp(prefix="vectorstream-bench-ingest-"))
+    broker = ApacheKafka(quiet=True)
+    try:
+        say("starting Apache Kafka")
+        broker.start()
+        say("measuring the embedder alone")
+        alone = measure_embedder(embedder, texts, lengths)
+        embedder.close()
+        del embedder
+        say("measuring a plain SentenceTransformer.encode loop")
+        plain = measure_plain_loop(settings.model_path, texts)
+        say("measuring end to end through Kafka")
+        e2e, detail = measure_end_to_end(broker.bootstrap_servers, docs, scratch, len(texts))
+    finally:
+        broker.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    rows = [[r.name, r.chunks, round(r.seconds, 2), round(r.rate, 1), f"{r.rate / plain.rate:.2f}x", r.note]
+            for r in (plain, alone, e2e)]
+    results_table = table(["measurement", "chunks", "seconds", "chunks/s", "vs plain loop", "notes"], rows)
+    targets = [
+        ["end to end vs plain SentenceTransformer.encode loop", f"{e2e.rate / plain.rate:.2f}x", ">= 3x",
+         "yes" if e2e.rate >= 3 * plain.rate else "no"],
+        ["end to end vs the embedder alone", f"{e2e.rate / alone.rate:.2f}x", ">= 0.9x",
+         "yes" if e2e.rate >= 0.9 * alone.rate else "no"],
+    ]
+    targets_table = table(["target", "measured", "target", "met"], targets)
+    print(results_table)
+    print()
+    print(targets_table)
+    data = {
+        "docs": len(docs),
+        "chunks": len(texts),
+        "mean_chunk_tokens": round(sum(lengths) / len(lengths), 1),
+        "measurements": [{"name": r.name, "chunks": r.chunks, "seconds": r.seconds, "chunks_per_second": r.rate,
+                          "note": r.note} for r in (plain, alone, e2e)],
+        "end_to_end": detail,
+        "ratios": {"e2e_vs_plain": e2e.rate / plain.rate, "e2e_vs_embedder": e2e.rate / alone.rate},
+        "load_average": os.getloadavg(),
+    }
+    if write:
+        method = (
+            f"{len(docs)} scifact abstracts (title and text) -> {len(texts)} chunks of "
+            f"{data['mean_chunk_tokens']:.0f} tokens on average, the same chunk texts for every row. "
+            "End to end: wall time from the first event published to a single Apache Kafka broker until the "
+            "worker's `/metrics` counted every event processed (chunked, embedded, upserted into Qdrant Edge "
+            "with `wait=True`); the worker was warmed up with one document first. "
+            "Embedder alone: `Embedder.encode_sync` over all chunk texts in one call. Plain loop: a stock "
+            f"`SentenceTransformer` (PyTorch) calling `encode()` on {PLAIN_BATCH} texts at a time in arrival order. "
+            "Load average at the end of the run (other processes share this machine): "
+            + ", ".join(f"{x:.1f}" for x in data["load_average"]) + "."
+        )
+        path = write_results("ingest_throughput", title="Ingest throughput: end to end vs embedding alone",
+                             sections=[("Results", results_table), ("Targets", targets_table), ("Method", method)],
+                             data=data, machine=machine)
+        say(f"wrote {path}")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--docs", type=int, default=DEFAULT_DOCS, help="scifact documents (default %(default)s)")
+    args = parser.parse_args(argv)
+    run(args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
