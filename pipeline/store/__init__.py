@@ -75,15 +75,22 @@ __all__ = [
 def open_store(settings: Settings | StoreSettings) -> VectorStore:
     """Build the adapter that ``settings.store.backend`` names; the caller still has to ``await open(...)``."""
     store_settings = getattr(settings, "store", settings)
+    store: VectorStore
     if store_settings.backend == "edge":
         from pipeline.store.edge import EdgeStore
 
-        return EdgeStore.from_settings(store_settings)
-    if store_settings.backend == "qdrant":
+        store = EdgeStore.from_settings(store_settings)
+    elif store_settings.backend == "qdrant":
         from pipeline.store.qdrant import QdrantStore
 
-        return QdrantStore.from_settings(store_settings)
-    raise ConfigurationError(f"unknown store backend {store_settings.backend!r}: use 'edge' or 'qdrant'")
+        store = QdrantStore.from_settings(store_settings)
+    else:
+        raise ConfigurationError(f"unknown store backend {store_settings.backend!r}: use 'edge' or 'qdrant'")
+    if store_settings.fault_file is not None:  # chaos testing only
+        from pipeline.store.faulty import FaultyStore
+
+        store = FaultyStore(store, store_settings.fault_file)
+    return store
 
 
 # --- the registry layout, shared by the adapters ------------------------------------------------------------
