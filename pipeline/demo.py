@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,7 +42,7 @@ def markdown_sections(root: Path) -> Iterator[tuple[str, str, str]]:
             if not part.strip():
                 continue
             first = part.strip().splitlines()[0].lstrip("#").strip()
-            yield f"{rel.as_posix()}#{i}-{_slug(first)}", f"{rel.as_posix()}: {first}"[:200], part
+            yield f"{rel.as_posix()}:{i}-{_slug(first)}", f"{rel.as_posix()}: {first}"[:200], part
 
 
 def module_docstrings() -> Iterator[tuple[str, str, str]]:
@@ -160,6 +161,8 @@ def run_demo(data_dir: str, tenant: str, source: str) -> int:
                         print(f"gave up waiting after 600 s; see {log_path}")
                         return 1
                     time.sleep(0.5)
+            # ask the indexed corpus a few questions through the queries topic, while the worker still runs
+            asyncio.run(_ask(broker.bootstrap_servers, settings, tenant))
         finally:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)
@@ -169,6 +172,36 @@ def run_demo(data_dir: str, tenant: str, source: str) -> int:
                     worker.kill()
                     worker.wait()
     return asyncio.run(_summarize(data, tenant, len(events)))
+
+
+#: questions the demo asks of this project's own docs (the last one is answered from ops-only documents)
+DEMO_QUESTIONS = (
+    "How are offsets committed after a write?",
+    "What happens to a record that cannot be decoded?",
+    "Which alerts does Prometheus raise?",
+)
+
+
+async def _ask(bootstrap: str, settings: Any, tenant: str) -> None:
+    """Ask DEMO_QUESTIONS over Kafka as user "demo-user" of group "ops" and print each answer as a table."""
+    from pipeline.auth import mint_token
+    from pipeline.client import QueryClient, QueryFailed, hits_table
+
+    k = settings.kafka
+    token = mint_token(settings.query, tenant=tenant, user="demo-user", groups=["ops"])
+    print(f"\nasking {len(DEMO_QUESTIONS)} questions through topic {k.queries_topic!r} "
+          f"as user 'demo-user' (group 'ops') of tenant {tenant!r}")
+    async with QueryClient(bootstrap, queries_topic=k.queries_topic, replies_topic=k.replies_topic,
+                           tenant=tenant, token=token) as client:
+        for question in DEMO_QUESTIONS:
+            print(f"\nQ: {question}")
+            try:
+                result = await client.ask(question, top_k=3, timeout=60)
+            except (QueryFailed, TimeoutError) as exc:
+                print(f"   no answer: {exc!r}")
+                continue
+            print(hits_table(result, width=110))
+            print(f"   ({result.took_ms:.0f} ms in the worker)")
 
 
 async def _summarize(data: Path, tenant: str, n_events: int) -> int:
