@@ -111,3 +111,15 @@ def test_settings_need_a_key_and_a_long_secret():
         QuerySettings(hs256_secret="short")
     assert TokenVerifier(QuerySettings()).uses_dev_secret
     assert QuerySettings().hs256_secret.get_secret_value() == DEV_HS256_SECRET
+
+
+def test_query_settings_from_the_environment(monkeypatch):
+    from pipeline.settings import Settings
+
+    monkeypatch.setenv("VECTORSTREAM_QUERY__HS256_SECRET", SECRET)
+    monkeypatch.setenv("VECTORSTREAM_QUERY__MAX_TOP_K", "20")
+    s = Settings(_env_file=None)
+    assert s.query.max_top_k == 20 and not TokenVerifier(s.query).uses_dev_secret
+    assert SECRET not in repr(s)
+    token = mint_token(s.query, tenant="acme", user="alice")
+    assert TokenVerifier(s.query).verify(token).tenant_id == "acme"
