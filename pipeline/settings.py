@@ -18,18 +18,27 @@ PACKAGED_MODEL = "all-MiniLM-L6-v2"
 
 
 class KafkaSettings(BaseModel):
+    #: Kafka bootstrap servers, comma-separated host:port
     bootstrap_servers: str = "127.0.0.1:9092"
     #: "embedded" starts Tansu (memory-only) for the demo; "external" uses bootstrap_servers as given
     mode: Literal["external", "embedded"] = "external"
+    #: the topic producers publish document events to
     documents_topic: str = "vectorstream.documents"
+    #: where records that can never be processed go, with headers saying why
     dead_letter_topic: str = "vectorstream.documents.dlq"
+    #: the topic of query requests
     queries_topic: str = "vectorstream.queries"
+    #: the default reply topic; a request may name this topic or one under "<replies_topic>."
     replies_topic: str = "vectorstream.replies"
     #: consumer group id; also the faust app id
     group_id: str = "vectorstream"
+    #: how clients talk to Kafka
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    #: SASL mechanism (e.g. PLAIN, SCRAM-SHA-512) when the protocol is SASL_*
     sasl_mechanism: str | None = None
+    #: SASL user name
     sasl_username: str | None = None
+    #: SASL password
     sasl_password: SecretStr | None = None
     #: a member silent this long is dropped from the group (Tansu's joins take about half of it)
     session_timeout_seconds: float = Field(default=10.0, ge=1)
@@ -38,12 +47,14 @@ class KafkaSettings(BaseModel):
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     #: partitions used when the worker has to create a topic itself
     partitions: int = Field(default=4, ge=1)
+    #: replication factor of the topics the worker creates
     replication_factor: int = Field(default=1, ge=1)
 
 
 class ModelSettings(BaseModel):
     #: a sentence-transformers model name or folder; the default is the packaged all-MiniLM-L6-v2
     name: str = PACKAGED_MODEL
+    #: torch device of the embedding model ("cpu", "cuda")
     device: str = "cpu"
     #: how embeddings are computed: "torch" (PyTorch fp32), "onnx" / "onnx-int8" (ONNX Runtime), "openvino" /
     #: "openvino-int8"; exported models are made on first use and cached in cache_dir
@@ -61,6 +72,7 @@ class ModelSettings(BaseModel):
     batch_token_budget: int = Field(default=16384, ge=256)
     #: chunk length in tokens (capped by the model's max_seq_length less its special tokens)
     chunk_tokens: int = Field(default=256, ge=16)
+    #: tokens shared by consecutive chunks (must be below chunk_tokens)
     chunk_overlap_tokens: int = Field(default=32, ge=0)
 
     @model_validator(mode="after")
@@ -74,14 +86,23 @@ class StoreSettings(BaseModel):
     #: "edge": Qdrant Edge in-process, persisted under path (the embedded default);
     #: "qdrant": a Qdrant server at url (or qdrant-client's local mode when url is empty and local_path set)
     backend: Literal["edge", "qdrant"] = "edge"
+    #: the folder where Qdrant Edge persists (backend "edge"); one process at a time
     path: Path = Path(".vectorstream/qdrant-edge")
+    #: URL of the Qdrant server (backend "qdrant"), e.g. http://qdrant:6333
     url: str | None = None
+    #: qdrant-client's local mode folder (backend "qdrant" without url)
     local_path: Path | None = None
+    #: API key of the Qdrant server
     api_key: SecretStr | None = None
+    #: talk to the Qdrant server over gRPC instead of REST
     prefer_grpc: bool = False
+    #: timeout of one call to the Qdrant server
     timeout_seconds: float = Field(default=10.0, gt=0)
+    #: the collection (Qdrant server) holding the chunks
     collection: str = "vectorstream_chunks"
+    #: HNSW graph degree: higher is better recall, more memory and slower builds
     hnsw_m: int = Field(default=16, ge=4, le=128)
+    #: HNSW beam width while building the index
     hnsw_ef_construct: int = Field(default=128, ge=8, le=2048)
     #: query-time ef when a request does not ask for one
     hnsw_ef: int = Field(default=128, ge=1, le=4096)
@@ -97,15 +118,20 @@ class StoreSettings(BaseModel):
 
 
 class IngestSettings(BaseModel):
+    #: events taken from Kafka into one ingest batch at most ...
     max_batch_events: int = Field(default=256, ge=1)
+    #: ... or fewer, once this long has passed since the batch's first event
     max_batch_wait_seconds: float = Field(default=0.5, gt=0)
     #: a message value larger than this is a dead letter, not a crash
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
+    #: a message value nested deeper than this is a dead letter (too_deep)
     max_json_depth: int = Field(default=16, ge=2)
     #: after this many consecutive dead letters with no record indexed in between, stop consuming
     #: (a bad deploy, not bad data); 0 disables the breaker
     breaker_consecutive_failures: int = Field(default=200, ge=0)
+    #: first backoff of a transient failure (store or broker unavailable), doubled per retry ...
     retry_initial_seconds: float = Field(default=0.2, gt=0)
+    #: ... up to this
     retry_max_seconds: float = Field(default=10.0, gt=0)
 
 
@@ -121,6 +147,7 @@ class QuerySettings(BaseModel):
     public_key: str | None = None
     #: the ``iss`` and ``aud`` a token must carry
     issuer: str = "vectorstream"
+    #: the ``aud`` claim a token must carry
     audience: str = "vectorstream-query"
     #: clock skew tolerated when checking ``exp``
     leeway_seconds: float = Field(default=5.0, ge=0, le=300)
@@ -136,6 +163,7 @@ class QuerySettings(BaseModel):
     max_queue: int = Field(default=256, ge=0, le=100_000)
     #: query texts arriving within this window are embedded together, up to max_batch of them
     batch_window_ms: float = Field(default=2.0, ge=0, le=1000)
+    #: the most query texts embedded together (see batch_window_ms)
     max_batch: int = Field(default=32, ge=1, le=1024)
     #: a request larger than this is a bad request
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -157,6 +185,7 @@ class QuerySettings(BaseModel):
 class MetricsSettings(BaseModel):
     #: port of the /metrics, /healthz and /readyz server; 0 disables it
     port: int = Field(default=9464, ge=0, le=65535)
+    #: address the metrics server binds to
     host: str = "0.0.0.0"
 
 
@@ -165,7 +194,9 @@ class Settings(BaseSettings):
         env_prefix="VECTORSTREAM_", env_nested_delimiter="__", extra="ignore", frozen=True
     )
 
+    #: base folder of local state; nothing reads it yet (store.path is where Qdrant Edge persists)
     data_dir: Path = Path(".vectorstream")
+    #: log level of the worker (DEBUG, INFO, WARNING, ERROR)
     log_level: str = "INFO"
     kafka: KafkaSettings = KafkaSettings()
     model: ModelSettings = ModelSettings()
