@@ -58,7 +58,7 @@ class ModelSettings(BaseModel):
     device: str = "cpu"
     #: how embeddings are computed: "torch" (PyTorch fp32), "onnx" / "onnx-int8" (ONNX Runtime), "openvino" /
     #: "openvino-int8"; exported models are made on first use and cached in cache_dir
-    backend: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = "torch"
+    backend: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = "openvino-int8"
     #: where exported models are cached (keyed by model, backend and CPU instruction set);
     #: empty means $XDG_CACHE_HOME/vectorstream/models (~/.cache/vectorstream/models)
     cache_dir: Path | None = None

@@ -29,7 +29,12 @@ def test_encode_matches_plain_sentence_transformers_in_input_order(embedder):
     plain = embedder.model.encode(texts, normalize_embeddings=True)
     assert ours.shape == (4, embedder.dim)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
-    assert np.allclose(ours, plain, atol=1e-4)
+    # in input order: each row is the backend's own vector of that text, encoded alone ...
+    alone = np.concatenate([embedder.backend.encode_batch([t]) for t in texts])
+    assert np.allclose(ours, alone, atol=2e-3)
+    # ... and close to PyTorch fp32 (identical for fp32 backends, within int8 error for the int8 default)
+    cosine = (ours * plain).sum(axis=1)
+    assert cosine.min() > (0.9999 if "int8" not in embedder.settings.model.backend else 0.97)
 
 
 async def test_encode_runs_off_the_event_loop(embedder):
