@@ -42,6 +42,7 @@ class KafkaSettings(BaseModel):
     sasl_password: SecretStr | None = None
     #: a member silent this long is dropped from the group (Tansu's joins take about half of it)
     session_timeout_seconds: float = Field(default=10.0, ge=1)
+    #: how often a member tells the group coordinator it is alive (well below session_timeout_seconds)
     heartbeat_interval_seconds: float = Field(default=2.0, gt=0)
     #: how often acked offsets are committed; a crash replays at most this much already-written work
     commit_interval_seconds: float = Field(default=1.0, gt=0)

@@ -103,3 +103,9 @@ def test_write_and_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     text = readme.read_text()
     assert "STALE-ROW" not in text and text.endswith(f"{settings_doc.END}\n\n## after\n")
     assert "| `VECTORSTREAM_METRICS__PORT` |" in text
+
+
+def test_every_setting_is_described() -> None:
+    """A new field needs a ``#:`` line (or Field(description=...)) above it in pipeline/settings.py."""
+    missing = [s.env for s in settings_doc.settings() if not s.description]
+    assert not missing
