@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +32,15 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class Backend(Protocol):
-    """Encodes one already-batched list of texts to L2-normalized float32 vectors."""
+    """Encodes already-batched texts to L2-normalized float32 vectors."""
 
     label: str
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_batches(self, batches: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Several batches; a backend may overlap them (OpenVINO runs one per stream)."""
+        ...
 
 
 # --- the CPU ------------------------------------------------------------------------------------------------
@@ -142,7 +147,15 @@ class _Tokenizing:
 # --- the backends ------------------------------------------------------------------------------------------------
 
 
-class TorchBackend:
+class _Sequential:
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_batches(self, batches: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        return [self.encode_batch(b) for b in batches]
+
+
+class TorchBackend(_Sequential):
     def __init__(self, st_model: Any) -> None:
         self.model = st_model
         self.label = "torch fp32"
@@ -152,7 +165,7 @@ class TorchBackend:
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32, copy=False)
 
 
-class OnnxBackend(_Tokenizing):
+class OnnxBackend(_Tokenizing, _Sequential):
     def __init__(self, path: Path, tokenizer: Any, max_seq_length: int, pooling: str, threads: int,
                  label: str) -> None:
         super().__init__(tokenizer, max_seq_length, pooling)
@@ -180,21 +193,55 @@ class OpenVinoBackend(_Tokenizing):
         import openvino as ov
 
         core = ov.Core()
+        # one stream per core, one thread each: on few cores, batches side by side beat one batch on all
+        # threads (measured: ~1.3-1.8x on 2 cores), and tokenizing the next batch overlaps inference
+        self.streams = max(1, threads)
         config = {
             "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",  # one request at a time uses every thread
+            "PERFORMANCE_HINT": "THROUGHPUT",
+            "NUM_STREAMS": self.streams,
             # fp32 means fp32: without this OpenVINO computes in bf16 on CPUs that have it
             "INFERENCE_PRECISION_HINT": "f32",
         }
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self._names = [p.get_any_name() for p in self.compiled.inputs]
+        self._queue: Any = None
+        self._lock = threading.Lock()  # one caller at a time owns the request queue and its callback
         self.label = label
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
-        feed = self.tokenize(texts)
-        result = self.compiled({k: feed[k] for k in self._names})
-        hidden = next(iter(result.values()))
-        return pool_and_normalize(np.asarray(hidden), feed["attention_mask"], self.pooling)
+        return self.encode_batches([texts])[0]
+
+    def encode_batches(self, batches: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        with self._lock:
+            return self._encode_batches(batches)
+
+    def _encode_batches(self, batches: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        import openvino as ov
+
+        if self._queue is None:
+            self._queue = ov.AsyncInferQueue(self.compiled, self.streams)
+        out: list[np.ndarray | None] = [None] * len(batches)
+        errors: list[BaseException] = []
+
+        def done(request: Any, userdata: tuple[int, np.ndarray]) -> None:
+            i, mask = userdata
+            try:
+                out[i] = pool_and_normalize(np.asarray(request.get_output_tensor(0).data), mask, self.pooling)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                errors.append(exc)
+
+        self._queue.set_callback(done)
+        for i, texts in enumerate(batches):
+            feed = self.tokenize(texts)
+            self._queue.start_async({k: feed[k] for k in self._names}, (i, feed["attention_mask"]))
+        self._queue.wait_all()
+        if errors:
+            raise errors[0]
+        done_all = [o for o in out if o is not None]
+        if len(done_all) != len(batches):
+            raise RuntimeError("OpenVINO returned fewer batches than it was given")
+        return done_all
 
 
 # --- exporting -----------------------------------------------------------------------------------------------------

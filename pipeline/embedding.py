@@ -96,8 +96,10 @@ class Embedder:
             lengths = self.count_tokens(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         padded = [min(n + self._special, self.max_seq_length) for n in lengths]
-        for batch in token_budget_batches(padded, self.batch_token_budget):
-            out[batch] = self.backend.encode_batch([texts[i] for i in batch])
+        batches = token_budget_batches(padded, self.batch_token_budget)
+        vectors = self.backend.encode_batches([[texts[i] for i in batch] for batch in batches])
+        for batch, vecs in zip(batches, vectors, strict=True):
+            out[batch] = vecs
         return out
 
     async def encode(self, texts: Sequence[str], lengths: Sequence[int] | None = None) -> np.ndarray:
