@@ -1,5 +1,5 @@
-"""The ``vectorstream`` command: ``worker`` runs the agents, ``demo`` runs the whole thing on the
-embedded defaults, ``schemas`` writes or checks the JSON Schema files, ``query``/``token``/``recall`` search.
+"""The ``vectorstream`` command: ``worker`` runs the agents, ``demo`` runs the whole thing on the embedded defaults,
+``schemas`` writes or checks the JSON Schema files, ``query``/``token``/``recall`` search, ``check`` audits the store.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     recall.add_argument("--ef", default="16,32,64,128,256,512", help="comma-separated ef values (default %(default)s)")
     recall.add_argument("--seed", type=int, default=0)
 
+    sub.add_parser("check", help="compare the newest version of every document in the documents topic with "
+                                 "what the store holds; exit 1 on missing, stale, extra or duplicated chunks")
+
     args = parser.parse_args(argv)
     if args.command == "worker":
         from agents.worker import run_worker
@@ -83,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.recall import main as recall_main
 
         return recall_main(args)
+    if args.command == "check":
+        from pipeline.consistency import run_check_command
+
+        return run_check_command()
     if args.command == "schemas":
         from schemas.generate import main as generate
 

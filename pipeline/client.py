@@ -16,6 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from pipeline.decode import Record
 from schemas.events import DocumentDelete, DocumentUpsert, document_key
 from schemas.queries import (
     CORRELATION_HEADER,
@@ -310,3 +311,52 @@ async def run_query_command(query: str, *, tenant: str, token: str | None = None
     print(hits_table(result))
     print(f"\n{len(result.hits)} hits for tenant {tenant!r} in {result.took_ms:.1f} ms ({result.model})")
     return 0
+
+
+# --- reading a topic back (the consistency checker) ---------------------------------------------------------
+
+
+async def read_records(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    timeout: float = 120.0,  # noqa: ASYNC109 - a deadline for reading the whole topic
+    **client_options: Any,
+) -> list[Record]:
+    """Every record of ``topic`` from its beginning up to its end offsets at the time of the call.
+
+    No consumer group: nothing is committed and no running worker is disturbed. The records come partition
+    by partition, each partition in offset order (what :func:`pipeline.consistency.expected_state` needs).
+    Raises LookupError when the topic does not exist and TimeoutError when reading takes over ``timeout``.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_bytes=64 * 1024 * 1024,
+                                max_partition_fetch_bytes=16 * 1024 * 1024, **client_options)
+    await consumer.start()
+    try:
+        async with asyncio.timeout(timeout):
+            if topic not in await consumer.topics():
+                raise LookupError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+            # without a group, a subscription is assigned every partition once the topic's metadata arrived
+            # (partitions_for_topic would only know topics that were in the metadata when the consumer started)
+            consumer.subscribe([topic])
+            while not (partitions := sorted(consumer.assignment())):  # noqa: ASYNC110 - aiokafka has no event
+                await asyncio.sleep(0.05)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            by_partition: dict[int, list[Record]] = {tp.partition: [] for tp in partitions}
+            pending = {tp for tp in partitions if await consumer.position(tp) < ends[tp]}
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=500)
+                for tp, messages in batch.items():
+                    for msg in messages:
+                        if msg.offset < ends[tp]:
+                            by_partition[tp.partition].append(Record(
+                                topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
+                                value=msg.value, timestamp_ms=msg.timestamp,
+                                headers=tuple((k, bytes(v or b"")) for k, v in (msg.headers or ())),
+                            ))
+                pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+    finally:
+        await consumer.stop()
+    return [record for p in sorted(by_partition) for record in by_partition[p]]

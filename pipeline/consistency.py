@@ -5,7 +5,7 @@ what the vector store holds. Missing, stale, extra and duplicated chunks must al
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pipeline.chunking import Chunker
@@ -116,3 +116,61 @@ async def check_store(store: VectorStore, expected: dict[DocKey, ExpectedDoc], *
             report.missing += missing
             note("missing", f"{key}: {missing} of {len(exp.chunk_hashes)} chunks of version {exp.version}")
     return report
+
+
+async def check_topic(settings: Settings, chunker: Chunker, *, model: str, dim: int,
+                      progress: Callable[[str], None] | None = None) -> ConsistencyReport:
+    """Read the documents topic from its beginning to its end offsets and check the store named in ``settings``
+    against it. The store must not be open elsewhere (Qdrant Edge and qdrant-client local mode lock their folder)."""
+    from pipeline.client import read_records
+    from pipeline.store import open_store
+
+    say = progress or (lambda _: None)
+    k = settings.kafka
+    say(f"reading {k.documents_topic} on {k.bootstrap_servers} from the beginning")
+    records = await read_records(k.bootstrap_servers, k.documents_topic)
+    say(f"replaying {len(records)} records with the ingest rules")
+    expected, events, bad = expected_state(records, chunker, settings)
+    store = open_store(settings)
+    await store.open(model=model, dim=dim)
+    try:
+        say(f"comparing {len(expected)} documents with the {settings.store.backend} store")
+        return await check_store(store, expected, events=events, dead_letters=bad)
+    finally:
+        await store.close()
+
+
+def run_check_command(settings: Settings | None = None) -> int:
+    """``vectorstream check``: print the consistency summary; exit 1 when inconsistent, 2 when it cannot check."""
+    import asyncio
+    import sys
+
+    from pipeline.embedding import Embedder
+    from pipeline.errors import StoreUnavailableError, VectorstreamError
+
+    settings = settings or Settings()
+
+    def say(text: str) -> None:
+        print(f"... {text}", file=sys.stderr, flush=True)
+
+    say("loading the model's tokenizer (chunks are cut exactly as the worker cuts them)")
+    embedder = Embedder(settings)
+    try:
+        report = asyncio.run(check_topic(settings, embedder.chunker(), model=embedder.name, dim=embedder.dim,
+                                         progress=say))
+    except LookupError as exc:
+        print(f"cannot check: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailableError as exc:
+        print(f"cannot check: {exc} (is a worker still using this Qdrant Edge folder? stop it first)",
+              file=sys.stderr)
+        return 2
+    except VectorstreamError as exc:
+        print(f"cannot check: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        embedder.close()
+    print(report.summary())
+    for example in report.examples:
+        print(f"  {example}")
+    return 0 if report.ok else 1
