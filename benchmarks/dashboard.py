@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
@@ -32,20 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import DATASETS, ROOT, machine_info, say
+
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "vectorstream.json"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 INSTALL_SCRIPT = ROOT / "deploy" / "prometheus" / "install.sh"
 OUTPUT = ROOT / "docs" / "dashboard.png"
-#: the labelled datasets live next to the repository and are never copied into it
-DATASETS = Path(os.environ.get("VECTORSTREAM_DATASETS", ROOT.parent / "shared" / "datasets"))
 #: metric names that only a process serving queries moves
 QUERY_METRICS = re.compile(r"vectorstream_(query|queries|recall)_")
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -71,6 +65,7 @@ class Panel:
     unit: str
     grid: Mapping[str, int]
     targets: tuple[Target, ...]
+    decimals: int | None = None
 
 
 def dashboard_panels(path: Path = DASHBOARD) -> list[Panel]:
@@ -89,8 +84,9 @@ def dashboard_panels(path: Path = DASHBOARD) -> list[Panel]:
             if t.get("expr")
         )
         if targets:
-            unit = p.get("fieldConfig", {}).get("defaults", {}).get("unit", "short")
-            out.append(Panel(p["title"], p["type"], unit, p["gridPos"], targets))
+            defaults = p.get("fieldConfig", {}).get("defaults", {})
+            out.append(Panel(p["title"], p["type"], defaults.get("unit", "short"), p["gridPos"], targets,
+                             defaults.get("decimals")))
     return out
 
 
@@ -274,7 +270,7 @@ class Prometheus:
         return data["result"]
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step}s")["result"]
+        return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:.3f}")["result"]
 
     def value(self, expr: str) -> float:
         """The sum of an instant query's values (0 when it returns nothing)."""
@@ -453,9 +449,11 @@ def _legend(fmt: str, labels: Mapping[str, str]) -> str:
     return text or ",".join(f"{k}={v}" for k, v in labels.items() if k != "__name__") or "value"
 
 
-def _fmt(value: float, unit: str) -> str:
+def _fmt(value: float, unit: str, decimals: int | None = None) -> str:
     if math.isnan(value):
         return "n/a"
+    if decimals is not None and unit == "short":
+        return f"{value:,.{decimals}f}"
     if unit == "s":
         return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
     if unit == "percentunit":
@@ -481,7 +479,7 @@ def render(prom: Prometheus, panels: Sequence[Panel], *, start: float, end: floa
         offsets[y] = unit_rows
         unit_rows += max(p.grid["h"] for p in panels if p.grid["y"] == y) // 4
     fig = plt.figure(figsize=(24, unit_rows * 2.1))
-    grid = GridSpec(unit_rows, 6, figure=fig, hspace=1.0, wspace=0.28)
+    grid = GridSpec(unit_rows, 6, figure=fig, hspace=1.0, wspace=0.28, top=1 - 1.6 / (unit_rows * 2.1), bottom=0.02)
     rows: list[tuple[str, str, str]] = []
     for panel in panels:
         r0, c0 = offsets[panel.grid["y"]], panel.grid["x"] // 4
@@ -525,7 +523,7 @@ def render(prom: Prometheus, panels: Sequence[Panel], *, start: float, end: floa
             ax.set_ylabel("%", fontsize=8)
         if panel.kind == "stat":
             shown = [v for v in last_values if not math.isnan(v)]
-            text = _fmt(shown[-1], panel.unit) if shown else "n/a"
+            text = _fmt(shown[-1], panel.unit, panel.decimals) if shown else "n/a"
             ax.text(0.97, 0.9, text, transform=ax.transAxes, ha="right", va="top", fontsize=18, fontweight="bold")
         elif ax.lines:
             ax.legend(fontsize=7, loc="upper left", ncol=2 if len(ax.lines) > 4 else 1, framealpha=0.6)
@@ -620,10 +618,10 @@ async def _run_workload(args: argparse.Namespace, bootstrap: str, topics: Topics
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dashboard", description=__doc__)
-    parser.add_argument("--docs", type=int, default=1500, help="scifact abstracts to ingest (default %(default)s)")
-    parser.add_argument("--rate", type=float, default=20, help="steady documents per second (default %(default)s)")
-    parser.add_argument("--burst", type=int, default=400, help="documents published at once mid-run")
-    parser.add_argument("--qps", type=float, default=4, help="mean queries per second (default %(default)s)")
+    parser.add_argument("--docs", type=int, default=600, help="scifact abstracts to ingest (default %(default)s)")
+    parser.add_argument("--rate", type=float, default=8, help="steady documents per second (default %(default)s)")
+    parser.add_argument("--burst", type=int, default=150, help="documents published at once mid-run")
+    parser.add_argument("--qps", type=float, default=2, help="mean queries per second (default %(default)s)")
     parser.add_argument("--recall-sample-rate", type=float, default=0.25)
     parser.add_argument("--rate-interval", default="15s", help="what $__rate_interval becomes in the plots")
     parser.add_argument("--tail-seconds", type=float, default=20, help="keep watching after the last event")
@@ -670,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 worker.send_signal(signal.SIGTERM)
                 worker.wait(60)
                 say(f"run took {end - start:.0f}s, {served} queries answered; plotting")
-                machine = f"{os.cpu_count()} CPUs ({_cpu()}), Python {platform.python_version()}"
+                info = machine_info()
+                machine = f"{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, commit {info['commit']}"
                 subtitle = (f"{args.docs} scifact abstracts + {args.docs // 5} unchanged re-sends, {served} queries, "
                             f"{args.broker} Kafka, Qdrant Edge — {time.strftime('%Y-%m-%d')}, {machine}")
                 rows = render(prom, dashboard_panels(), start=start, end=end, step=max(1.0, (end - start) / 300),
@@ -685,14 +684,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {title.ljust(width)} | {series} | {value} |")
     say(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
-
-
-def _cpu() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -188,12 +188,16 @@ def test_the_dead_letter_alert_sees_the_bad_records(run: Run) -> None:
             break
         time.sleep(0.5)
     assert states.get("VectorstreamDeadLetterRate") in ("pending", "firing"), states
-    assert "VectorstreamWorkerDown" not in states
+    assert "firing" not in {states.get(name) for name in states if name != "VectorstreamDeadLetterRate"}, states
 
 
 def test_the_worker_down_alert_fires_when_the_worker_stops(run: Run) -> None:
     """Last in the module: stops the worker."""
     rule = next(r for r in alert_rules() if r.name == "VectorstreamWorkerDown")
+    # a busy machine may miss one 1-second scrape; a running worker must come back within a few
+    deadline = time.monotonic() + 10
+    while run.prom.query(rule.expr) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert run.prom.query(rule.expr) == []
     assert run.worker.terminate() == 0
     deadline = time.monotonic() + 15
