@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install demo test test-all lint schemas bench clean
+.PHONY: install demo test test-all lint schemas bench dashboard clean
 
 install:
 	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]'
@@ -22,6 +22,14 @@ test-all: install
 
 lint: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pipeline.settings_doc --check
+	$(PYTHON) -m pipeline.cli schemas --check
+
+## docs/dashboard.png: a real workload scraped by a real Prometheus, every dashboard panel plotted
+dashboard: install
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[dashboard]'
+	bash deploy/prometheus/install.sh
+	$(PYTHON) -m benchmarks.dashboard
 
 schemas: install
 	$(PYTHON) -m pipeline.cli schemas

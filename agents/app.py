@@ -38,6 +38,8 @@ def make_app(settings: Settings) -> faust.App:
         )
     return faust.App(
         k.group_id,
+        # faust keeps per-app state in a folder; keep it under our data dir, not the working directory
+        datadir=str(settings.data_dir / "faust" / "{appid}"),
         broker=broker_urls(settings),
         broker_credentials=credentials,
         autodiscover=False,
@@ -156,6 +158,11 @@ def update_consumer_lag(app: faust.App, topic: str) -> None:
     """Lag per assigned partition: log-end offset minus the committed offset (what a restart would replay)."""
     consumer = app.consumer
     assigned = {tp for tp in consumer.assignment() if tp.topic == topic}
+    # forget partitions this worker no longer owns, or their last value would stay on the dashboard
+    owned = {str(tp.partition) for tp in assigned}
+    for labels in list(m.CONSUMER_LAG._metrics):
+        if labels[0] not in owned:
+            m.CONSUMER_LAG.remove(*labels)
     for tp in assigned:
         try:
             highwater = consumer.highwater(tp)

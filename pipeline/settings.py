@@ -195,7 +195,7 @@ class Settings(BaseSettings):
         env_prefix="VECTORSTREAM_", env_nested_delimiter="__", extra="ignore", frozen=True
     )
 
-    #: base folder of local state; nothing reads it yet (store.path is where Qdrant Edge persists)
+    #: base folder of local state: faust keeps its app folder under it (store.path is where Qdrant Edge persists)
     data_dir: Path = Path(".vectorstream")
     #: log level of the worker (DEBUG, INFO, WARNING, ERROR)
     log_level: str = "INFO"
