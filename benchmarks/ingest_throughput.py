@@ -28,6 +28,9 @@ from benchmarks.common import (
     write_results,
 )
 
+#: the worker's own account of where the time went (histogram sums and counts)
+_BREAKDOWN = ("vectorstream_embedding_batch_duration_seconds_sum", "vectorstream_upsert_duration_seconds_sum",
+              "vectorstream_ingest_batch_events_count")
 #: a plain loop encodes this many texts per call, as a naive consumer would per poll
 PLAIN_BATCH = 32
 DEFAULT_DOCS = 800
@@ -128,6 +131,7 @@ def measure_end_to_end(bootstrap: str, docs: list[Doc], scratch: Path, expected_
         worker.wait_events(1, timeout=300)
         base_events = worker.events()
         base_chunks = chunks_embedded(worker)
+        before = worker.metrics() or {}
         say(f"publishing {len(docs)} documents ({expected_chunks} chunks)")
         started = time.perf_counter()
         asyncio.run(_publish(bootstrap, worker.topic, docs, tenant="bench"))
@@ -146,9 +150,16 @@ def measure_end_to_end(bootstrap: str, docs: list[Doc], scratch: Path, expected_
             time.sleep(0.05)
         seconds = time.perf_counter() - started
         embedded = chunks_embedded(worker) - base_chunks
+        after = worker.metrics() or {}
+        spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _BREAKDOWN}
         rss, hwm = peak_rss_bytes(worker.proc.pid)
         detail = {"publish_seconds": round(published, 3), "chunks_embedded": embedded,
-                  "worker_rss_bytes": rss, "worker_peak_rss_bytes": hwm}
+                  "worker_rss_bytes": rss, "worker_peak_rss_bytes": hwm,
+                  "worker_embed_seconds": spent["vectorstream_embedding_batch_duration_seconds_sum"],
+                  "worker_upsert_seconds": spent["vectorstream_upsert_duration_seconds_sum"],
+                  "worker_batches": spent["vectorstream_ingest_batch_events_count"]}
+        say(f"worker: {detail['worker_batches']:.0f} batches, embedding {detail['worker_embed_seconds']:.1f}s, "
+            f"upserts {detail['worker_upsert_seconds']:.1f}s of {seconds:.1f}s")
         note = f"worker peak RSS {hwm / 2**20:.0f} MiB; {embedded:.0f} chunks embedded per its metrics"
         return Measured("end to end: Kafka -> worker -> Qdrant Edge", expected_chunks, seconds, note), detail
     finally:

@@ -1,0 +1,178 @@
+"""The store part of ingest and filtered query latency at 10k, 100k (and with --scale-1m, 1M) chunks.
+
+Vectors are precomputed: real scifact chunk vectors plus small noise (said in the results), payloads are real chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    load_corpus,
+    load_queries,
+    machine_info,
+    offline,
+    peak_rss_bytes,
+    say,
+    table,
+    write_results,
+)
+
+SCALES = (10_000, 100_000)
+BATCH = 512
+#: the worker builds the HNSW index after this many unindexed points (settings.store.index_max_unindexed_points)
+INDEX_EVERY = 20_000
+QUERIES = 500
+TENANTS = 10
+NOISE = 0.02
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+async def _grow(scales: tuple[int, ...], base: np.ndarray, texts: list[str], qvecs: np.ndarray,
+                folder: Path) -> list[dict[str, Any]]:
+    import os
+
+    from pipeline.settings import Settings
+    from pipeline.store import open_store
+    from pipeline.store.base import (
+        ACL_GROUPS,
+        ACL_PUBLIC,
+        ACL_USERS,
+        CHUNK_INDEX,
+        CONTENT_HASH,
+        DOC,
+        MODEL,
+        TENANT,
+        TEXT,
+        TITLE,
+        VERSION,
+        ChunkPoint,
+        Filter,
+        Match,
+        chunk_point_id,
+    )
+
+    settings = Settings(_env_file=None)
+    settings = settings.model_copy(update={"store": settings.store.model_copy(update={"path": folder})})
+    store = open_store(settings)
+    await store.open(model=settings.model.name, dim=base.shape[1])
+    rng = np.random.default_rng(7)
+    rows: list[dict[str, Any]] = []
+    written = unindexed = 0
+    rss_open = peak_rss_bytes(os.getpid())[0]
+    try:
+        for target in scales:
+            segment_start, started = written, time.perf_counter()
+            while written < target:
+                n = min(BATCH, target - written)
+                idx = np.arange(written, written + n)
+                vecs = base[idx % len(base)] + rng.normal(0, NOISE, (n, base.shape[1])).astype(np.float32)
+                vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+                points = []
+                for j, i in enumerate(idx):
+                    tenant = f"t{i % TENANTS}"
+                    doc = f"d{i // 2}"
+                    points.append(ChunkPoint(chunk_point_id(tenant, doc, int(i % 2)), vecs[j].tolist(), {
+                        TENANT: tenant, DOC: doc, VERSION: 1, CHUNK_INDEX: int(i % 2), TITLE: "",
+                        TEXT: texts[i % len(texts)], ACL_PUBLIC: True, ACL_USERS: [], ACL_GROUPS: [],
+                        CONTENT_HASH: f"{i:032x}", MODEL: settings.model.name,
+                    }))
+                await store.upsert_chunks(points)
+                written += n
+                unindexed += n
+                if unindexed >= INDEX_EVERY or written == target:
+                    await store.build_index()
+                    unindexed = 0
+                if written % 50_000 == 0:
+                    say(f"  {written:,} chunks written")
+            rate = (target - segment_start) / (time.perf_counter() - started)
+            lat = []
+            for q in range(QUERIES):
+                flt = Filter(must=(Match(TENANT, f"t{q % TENANTS}"), Match(ACL_PUBLIC, True)))
+                started = time.perf_counter()
+                hits = await store.search(qvecs[q % len(qvecs)].tolist(), flt=flt, limit=10)
+                lat.append((time.perf_counter() - started) * 1000)
+                assert hits, "a filtered query found nothing"
+            rss, hwm = peak_rss_bytes(os.getpid())
+            row = {"chunks": target, "store_points_per_second": rate, "query_p50_ms": float(np.percentile(lat, 50)),
+                   "query_p99_ms": float(np.percentile(lat, 99)), "rss_bytes": rss, "peak_rss_bytes": hwm,
+                   "rss_growth_bytes": rss - rss_open, "disk_bytes": _dir_bytes(folder)}
+            say(f"{target:,} chunks: {rate:,.0f} points/s ({segment_start:,} to {target:,}), "
+                f"query p99 {row['query_p99_ms']:.2f} ms")
+            rows.append(row)
+    finally:
+        await store.close()
+    return rows
+
+
+def run(scales: tuple[int, ...] = SCALES, write: bool = True) -> dict[str, Any]:
+    offline()
+    from pipeline.embedding import Embedder
+    from pipeline.settings import Settings
+
+    machine = machine_info()
+    emb = Embedder(Settings(_env_file=None))
+    chunker = emb.chunker()
+    texts = [c.text for d in load_corpus(400) for c in chunker.split(chunker.document_text(d.title, d.text))]
+    say(f"embedding {len(texts)} real chunks and the queries as the base of the synthetic vectors")
+    base = emb.encode_sync(texts)
+    qvecs = emb.encode_sync(list(load_queries().values()))
+    emb.close()
+    folder = Path(tempfile.mkdtemp(prefix="vectorstream-bench-scale-"))
+    try:
+        rows = asyncio.run(_grow(scales, base, texts, qvecs, folder / "edge"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ref = rows[0]
+    table_rows = []
+    for r in rows:
+        rate_ratio = r["store_points_per_second"] / ref["store_points_per_second"]
+        p99_ratio = r["query_p99_ms"] / ref["query_p99_ms"]
+        table_rows.append([f"{r['chunks']:,}", round(r["store_points_per_second"]), f"{rate_ratio:.2f}x",
+                           round(r["query_p50_ms"], 2), round(r["query_p99_ms"], 2), f"{p99_ratio:.2f}x",
+                           f"{r['rss_growth_bytes'] / 2**20:,.0f}", f"{r['disk_bytes'] / 2**20:,.0f}",
+                           "yes" if rate_ratio >= 0.75 and p99_ratio <= 1.25 else "no"])
+    body = table(["chunks", "store ingest points/s", "vs 10k", "query p50 ms", "query p99 ms", "p99 vs 10k",
+                  "store RSS MiB", "store on disk MiB", "within 25% of 10k"], table_rows)
+    print(body)
+    data = {"scales": list(scales), "rows": rows, "base_vectors": len(base), "noise_sigma": NOISE}
+    if write:
+        method = (
+            "Store part only, in process, through the project's VectorStore port on Qdrant Edge (default store "
+            f"settings): batches of {BATCH} chunk points with full payloads (real scifact chunk text), the HNSW index "
+            f"built every {INDEX_EVERY:,} points as the worker does. Vectors are precomputed: {len(base)} real chunk "
+            f"vectors of the default backend plus Gaussian noise (sigma {NOISE} per dimension), re-normalized. "
+            "The ingest rate at a size is the mean over the points written since the previous size (from 0 for the "
+            "first), index builds included. Store RSS: the process's resident memory growth since the store opened "
+            f"(the model loaded before it is not counted). Queries: {QUERIES} scifact query vectors, top 10, "
+            f"filtered by one of {TENANTS} tenants and the public flag, default hnsw_ef. "
+            "Embedding cost per chunk does not depend on the store's size "
+            "(see ingest_throughput.md for the end-to-end rate)."
+        )
+        path = write_results("scale", title="Scale: store ingest and query latency by collection size",
+                             sections=[("Results", body), ("Method", method)], data=data, machine=machine)
+        say(f"wrote {path}")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scale-1m", action="store_true", help="also grow to 1,000,000 chunks (long)")
+    args = parser.parse_args(argv)
+    run((*SCALES, 1_000_000) if args.scale_1m else SCALES)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
