@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -131,6 +132,11 @@ def install_ingest_agent(app: faust.App, settings: Settings, service: IngestServ
                 log.critical("ingest breaker open: %s", exc)
                 if on_halt is not None:
                     on_halt(f"ingest breaker open: {exc}")
+                # the halted batch is given back, not finished: a shutdown or a rebalance must not wait for it to
+                # be acked (faust's stream_wait_empty would wait forever, so SIGTERM and rebalances would hang)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # faust warns that the setting was read before
+                    app.conf.stream_wait_empty = False
                 await asyncio.Event().wait()  # until the worker is stopped
             for event in events:
                 await stream.ack(event)
