@@ -79,9 +79,11 @@ def summary_rows() -> list[list[str]]:
                          re["ratio"] <= 0.10, "reingest.md", "reingest"))
     latency = _load("query_latency")
     if latency:
-        p99 = _find_p99(latency)
-        rows.append(_row("query p99", f"{p99:.1f} ms" if p99 is not None else "see file", "<= 50 ms",
-                         None if p99 is None else p99 <= 50, "query_latency.md"))
+        p99s = _p99s(latency)
+        worst = max(p99s) if p99s else None
+        rows.append(_row("query p99 through the query topic (worst of its load levels)",
+                         f"{worst:.1f} ms (best {min(p99s):.1f} ms)" if worst is not None else "see file",
+                         "<= 50 ms", None if worst is None else worst <= 50, "query_latency.md"))
     scale = _load("scale")
     if scale:
         base = scale["rows"][0]
@@ -97,19 +99,21 @@ def summary_rows() -> list[list[str]]:
     return rows
 
 
-def _find_p99(data: dict[str, Any]) -> float | None:
-    """The query-latency file is written by another benchmark: take its first ``*p99*`` number."""
+def _p99s(data: dict[str, Any]) -> list[float]:
+    """Every ``p99_ms`` in the query-latency file (written by another benchmark, one row per load level)."""
+    found: list[float] = []
     stack: list[Any] = [data]
     while stack:
-        item = stack.pop(0)
+        item = stack.pop()
         if isinstance(item, dict):
             for k, v in item.items():
-                if "p99" in k and isinstance(v, int | float):
-                    return float(v)
-                stack.append(v)
+                if k == "p99_ms" and isinstance(v, int | float):
+                    found.append(float(v))
+                else:
+                    stack.append(v)
         elif isinstance(item, list):
             stack.extend(item)
-    return None
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
