@@ -67,7 +67,7 @@ def _huge_integer(digits: int, negative: bool, where: str) -> Case:
     if where == "version":
         reason = "invalid_json" if as_json else "invalid_value"  # versions are 0..2**53
         value = encode(event(version="HUGE")).replace(b'"HUGE"', literal.encode())
-    else:  # metadata: beyond float range is a wrong type (2**53..1e308 is taken as a float, see RELIABILITY.md)
+    else:  # metadata: beyond the float range is a wrong type (between 2**53 and ~1e308 it becomes a float)
         reason = "invalid_json" if as_json else "wrong_type"
         value = encode(event(metadata={"n": "HUGE"})).replace(b'"HUGE"', literal.encode())
     return Case(f"huge_integer_{where}", value, one(reason))

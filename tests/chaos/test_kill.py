@@ -59,10 +59,12 @@ async def kill_again_and_again(apache_kafka, tmp_path, settings, embedder, *, ki
     dead = dead_letter_sources(await sc.dead_letters())
     junk = [produced[i] for i in history.junk]
     lost_junk = sum((p.partition, p.offset) not in dead for p in junk)
+    again = sum(len(v) - 1 for v in dead.values())  # at-least-once: a kill after the DLQ confirmed, before the commit
     mid = sum(m == "ingest" and n > 0 for m, _, n in moments)
     record_result(scenario, events=len(produced), report=report, lost=lost_junk,
                   notes=f"{kills} SIGKILLs ({mid} with batches applied by that incarnation, the rest during "
-                        f"start-up or the first batch), then a final worker; history: "
+                        f"start-up or the first batch), then a final worker; {again} dead letters written twice "
+                        "(killed between the DLQ's confirmation and the commit: at-least-once); history: "
                         + ", ".join(f"{n} {k}" for k, n in sorted(history.kinds.items())),
                   kills=kills, moments=moments)
     assert code == 0

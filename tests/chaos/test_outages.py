@@ -144,8 +144,10 @@ async def test_sigterm_during_store_outage_gives_the_batch_back(apache_kafka, tm
         assert await asyncio.to_thread(second.terminate) == 0
     report = await sc.check(embedder)
     record_result("sigterm-during-outage", events=len(batch), report=report,
-                  notes=f"SIGTERM while the batch waited for the store: exit {code} after {took:.1f} s "
-                        f"(committed {sum(committed.values())} of {len(batch)}); a restart after the outage "
+                  notes="SIGTERM while the batch waited for the store: "
+                        + (f"exit {code} after {took:.1f} s" if code is not None else
+                           f"ignored, SIGKILLed after {took:.0f} s")
+                        + f" (committed {sum(committed.values())} of {len(batch)}); a restart after the outage "
                         "indexed the batch", exit_code=code, seconds=took)
     assert sum(committed.values()) == 0, "nothing was written, so nothing may be committed"
     assert_consistent(report)
