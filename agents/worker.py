@@ -56,7 +56,7 @@ def configure_logging(level: str) -> None:
 
 
 def run_worker(settings: Settings | None = None) -> int:
-    """Run the ingest agent until SIGTERM/SIGINT. Returns the process exit code."""
+    """Run the agents of ``settings.roles`` until SIGTERM/SIGINT. Returns the process exit code."""
     import faust
 
     from agents.app import FaustDeadLetters, install_ingest_agent, make_app
@@ -85,21 +85,27 @@ def run_worker(settings: Settings | None = None) -> int:
     health = start_health_server(settings.metrics.host, settings.metrics.port) if settings.metrics.port else None
 
     app = make_app(settings)
-    service = IngestService(settings, store, embedder, FaustDeadLetters(app, settings.kafka.dead_letter_topic))
+    roles = settings.role_set
+    log.info("roles: %s (consumer group %r)", ", ".join(sorted(roles)), settings.kafka.group_id)
+
     def halt(reason: str) -> None:
         if health is not None:
             health.not_ready_reason = reason
 
-    install_ingest_agent(app, settings, service, on_halt=halt)
-    # the query agent shares this process's store: Qdrant Edge is in-process and locks its folder
-    from agents.query import FaustReplies, install_query_agent
-    from pipeline.query import QueryService
+    if "ingest" in roles:
+        service = IngestService(settings, store, embedder,
+                                FaustDeadLetters(app, settings.kafka.dead_letter_topic))
+        install_ingest_agent(app, settings, service, on_halt=halt)
+    if "query" in roles:
+        # with both roles the query agent shares this process's store: Qdrant Edge is in-process
+        from agents.query import FaustReplies, install_query_agent
+        from pipeline.query import QueryService
 
-    queries = QueryService(settings, store, embedder, FaustReplies(app))
-    if queries.verifier.uses_dev_secret:
-        log.warning("query tokens are checked with the DEVELOPMENT secret: anyone can mint them; "
-                    "set VECTORSTREAM_QUERY__HS256_SECRET or VECTORSTREAM_QUERY__PUBLIC_KEY outside a laptop")
-    install_query_agent(app, queries, settings.kafka.queries_topic)
+        queries = QueryService(settings, store, embedder, FaustReplies(app))
+        if queries.verifier.uses_dev_secret:
+            log.warning("query tokens are checked with the DEVELOPMENT secret: anyone can mint them; "
+                        "set VECTORSTREAM_QUERY__HS256_SECRET or VECTORSTREAM_QUERY__PUBLIC_KEY outside a laptop")
+        install_query_agent(app, queries, settings.kafka.queries_topic)
     if health is not None:
         health.ready = True
 

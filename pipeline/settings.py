@@ -195,6 +195,9 @@ class Settings(BaseSettings):
         env_prefix="VECTORSTREAM_", env_nested_delimiter="__", extra="ignore", frozen=True
     )
 
+    #: what this process does, comma-separated: "ingest" (documents topic), "query" (queries topic), or both.
+    #: Separate roles need separate consumer groups (kafka.group_id) and a shared store (store.backend=qdrant)
+    roles: Literal["ingest,query", "ingest", "query", "query,ingest"] = "ingest,query"
     #: base folder of local state: faust keeps its app folder under it (store.path is where Qdrant Edge persists)
     data_dir: Path = Path(".vectorstream")
     #: log level of the worker (DEBUG, INFO, WARNING, ERROR)
@@ -205,6 +208,10 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     metrics: MetricsSettings = MetricsSettings()
     query: QuerySettings = QuerySettings()
+
+    @property
+    def role_set(self) -> frozenset[str]:
+        return frozenset(self.roles.split(","))
 
     @cached_property
     def model_path(self) -> str:

@@ -48,3 +48,12 @@ def test_packaged_model_resolves_to_a_local_folder():
 
     path = Path(Settings().model_path)
     assert (path / "config.json").exists() or (path / "modules.json").exists()
+
+
+def test_roles_select_the_agents(monkeypatch):
+    assert Settings().role_set == {"ingest", "query"}
+    monkeypatch.setenv("VECTORSTREAM_ROLES", "query")
+    assert Settings().role_set == {"query"}
+    monkeypatch.setenv("VECTORSTREAM_ROLES", "search")
+    with pytest.raises(ValidationError):
+        Settings()
