@@ -37,10 +37,12 @@ def make_app(settings: Settings) -> faust.App:
         credentials = faust.SASLCredentials(
             username=k.sasl_username, password=k.sasl_password.get_secret_value(), mechanism=k.sasl_mechanism
         )
+    faust_dir = settings.data_dir / "faust"
+    faust_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level itself
     return faust.App(
         k.group_id,
         # faust keeps per-app state in a folder; keep it under our data dir, not the working directory
-        datadir=str(settings.data_dir / "faust" / "{appid}"),
+        datadir=str(faust_dir / k.group_id),
         broker=broker_urls(settings),
         broker_credentials=credentials,
         autodiscover=False,
