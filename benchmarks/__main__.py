@@ -25,7 +25,9 @@ TRIED = {
     "ndcg": "see mean cosine.",
     "reingest": "unchanged chunks reuse stored vectors; every document is still decoded, chunked, looked up and "
                 "rewritten, which is a fixed cost per document.",
-    "scale": "default store settings (no quantization: the store adapter is owned elsewhere).",
+    "scale": "default store settings (no quantization: the store adapter is owned elsewhere); the store part "
+             "slows down because every HNSW build (every 20k points, as the worker does) covers the whole "
+             "collection, see the share of index builds in scale.md.",
 }
 
 
@@ -88,9 +90,11 @@ def summary_rows() -> list[list[str]]:
     if scale:
         base = scale["rows"][0]
         for r in scale["rows"][1:]:
-            rate = r["store_points_per_second"] / base["store_points_per_second"]
+            key = "e2e_chunks_per_second" if "e2e_chunks_per_second" in r else "store_points_per_second"
+            rate = r[key] / base[key]
             p99 = r["query_p99_ms"] / base["query_p99_ms"]
-            rows.append(_row(f"scale {r['chunks']:,} chunks: store ingest rate and query p99 vs 10k",
+            what = "end-to-end ingest rate" if key.startswith("e2e") else "store-part ingest rate"
+            rows.append(_row(f"scale {r['chunks']:,} chunks: {what} and query p99 vs 10k",
                              f"rate {rate:.2f}x, p99 {p99:.2f}x ({r['query_p99_ms']:.2f} ms)",
                              "rate >= 0.75x, p99 <= 1.25x", rate >= 0.75 and p99 <= 1.25, "scale.md", "scale"))
         if not any(r["chunks"] >= 1_000_000 for r in scale["rows"]):

@@ -122,19 +122,20 @@ def chunks_embedded(worker: Any) -> float:
 
 
 def measure_end_to_end(bootstrap: str, docs: list[Doc], scratch: Path, expected_chunks: int,
-                       extra_env: dict[str, str] | None = None) -> tuple[Measured, dict[str, Any]]:
+                       extra_env: dict[str, str] | None = None, *, tenant: str = "bench",
+                       store_path: Path | None = None) -> tuple[Measured, dict[str, Any]]:
     """Wall time from the first event published to the worker's metrics showing every event processed."""
-    worker = start_worker(bootstrap, scratch / "edge", scratch / "worker.log", extra_env)
+    worker = start_worker(bootstrap, store_path or scratch / "edge", scratch / "worker.log", extra_env)
     try:
         say("worker starting; warming it up with one document")
-        asyncio.run(_publish(bootstrap, worker.topic, docs[:1], tenant="warmup"))
+        asyncio.run(_publish(bootstrap, worker.topic, docs[:1], tenant=f"warmup-{tenant}"))
         worker.wait_events(1, timeout=300)
         base_events = worker.events()
         base_chunks = chunks_embedded(worker)
         before = worker.metrics() or {}
         say(f"publishing {len(docs)} documents ({expected_chunks} chunks)")
         started = time.perf_counter()
-        asyncio.run(_publish(bootstrap, worker.topic, docs, tenant="bench"))
+        asyncio.run(_publish(bootstrap, worker.topic, docs, tenant=tenant))
         published = time.perf_counter() - started
         last_report = time.monotonic()
         deadline = time.monotonic() + 3600
