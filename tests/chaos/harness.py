@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,10 @@ async def eventually(
             if w.proc is not None and w.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {w.proc.returncode} while waiting for {what}:\n"
                                      f"{w.log_tail()}")
-        value = predicate() if asyncio.iscoroutinefunction(predicate) else await asyncio.to_thread(predicate)
-        if isinstance(value, Awaitable):
-            value = await value
+        if asyncio.iscoroutinefunction(predicate):
+            value = await predicate()
+        else:
+            value = await asyncio.to_thread(predicate)  # sync predicates poll HTTP: keep the loop free
         if value:
             return value
         if time.monotonic() > deadline:
@@ -135,7 +137,7 @@ class Scenario:
                 "VECTORSTREAM_KAFKA__QUERIES_TOPIC": self.queries,
                 "VECTORSTREAM_KAFKA__REPLIES_TOPIC": self.replies,
                 "VECTORSTREAM_STORE__FAULT_FILE": str(self.fault_file),
-                "APP_DATADIR": str(self.tmp / "faust"),  # faust's table folder, else <group>-data in the repo
+                "VECTORSTREAM_DATA_DIR": str(self.tmp / "data"),  # faust's folder, else under the repository
                 **(env or {}),
             },
         )
@@ -205,8 +207,8 @@ class Scenario:
 
     async def wait_caught_up(self, workers: Sequence[WorkerProcess], *, timeout: float = 300,  # noqa: ASYNC109
                              group: str | None = None) -> None:
-        await eventually(lambda: self.caught_up(group), timeout=timeout, what=f"{self.topic} fully committed",
-                         workers=workers, interval=1.0)
+        await eventually(functools.partial(self.caught_up, group), timeout=timeout,
+                         what=f"{self.topic} fully committed", workers=workers, interval=1.0)
 
     # --- reading back ------------------------------------------------------------------------------------
 

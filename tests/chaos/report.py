@@ -119,14 +119,13 @@ def git(*args: str) -> str:
 
 
 def render(rows: list[dict], results: dict[str, list[tuple[str, str]]], *, command: str, started: float,
-           seconds: float, load: tuple[float, ...], slow: bool) -> str:
+           seconds: float, load: tuple[float, ...], slow: bool, commit: str) -> str:
     from pipeline.broker import KAFKA_VERSION
     from pipeline.settings import Settings
 
     by_scenario: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_scenario[row["scenario"]].append(row)
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
     lines = [
         "# Reliability",
         "",
@@ -135,7 +134,7 @@ def render(rows: list[dict], results: dict[str, list[tuple[str, str]]], *, comma
         "",
         f"- command: `{command}`",
         f"- run: {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(started))}, {seconds / 60:.1f} min, "
-        f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}",
+        f"commit {commit}",
         f"- machine: {machine()}; load average at the start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(the machine is shared)",
         f"- broker: Apache Kafka {KAFKA_VERSION} (KRaft, one node) started by `pipeline.broker`; workers: real "
@@ -202,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     load = os.getloadavg()
+    commit = git("rev-parse", "--short", "HEAD")
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += " with uncommitted changes"
     work = ROOT / ".vectorstream" / "reliability" / time.strftime("run-%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     results = work / "results.jsonl"
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         (f" --runs {args.runs}" if args.runs != 1 else "") + \
         (" -- " + shlex.join(args.pytest_args) if args.pytest_args else "")
     text = render(rows, outcomes(junits), command=command, started=started, seconds=time.time() - started,
-                  load=load, slow=args.slow)
+                  load=load, slow=args.slow, commit=commit)
     args.output.write_text(text)
     print(f"wrote {args.output} ({len(rows)} scenario runs); pytest exit codes {codes}")
     return max(codes) if codes else 1
