@@ -256,22 +256,31 @@ class QueryClient:
         await self._producer.send_and_wait(self.queries_topic, value, key=key)
 
 
-def hits_table(result: QueryResult, *, width: int = 100) -> str:
-    """The hits of a result as a plain-text table: rank, score, document, chunk, title and text."""
-    rows = [("#", "score", "doc_id", "chunk", "title / text")]
+def hits_table(result: QueryResult, *, width: int | None = None) -> str:
+    """The hits of a result as a plain-text table: rank, score, document, chunk, title and the start of the text.
+
+    ``width`` defaults to the terminal's (at least 100 columns)."""
+    if width is None:
+        import shutil
+
+        width = max(shutil.get_terminal_size((120, 20)).columns, 100)
+    head = ("#", "score", "doc_id", "chunk", "title", "text")
+    rows = [head]
     for i, hit in enumerate(result.hits, 1):
-        text = " ".join((hit.text or "").split())
-        body = hit.title if not text else f"{hit.title} | {text}" if hit.title else text
-        rows.append((str(i), f"{hit.score:.3f}", hit.doc_id, str(hit.chunk_index), body))
-    widths = [max(len(r[c]) for r in rows) for c in range(4)]
-    widths[2] = min(widths[2], 40)
-    rest = max(width - sum(widths) - 8, 20)
+        title, text = " ".join(hit.title.split()), " ".join((hit.text or "").split())
+        if title and text.startswith(title):  # a chunk's text starts with its document's title
+            text = text[len(title):].lstrip(" .:|-")
+        rows.append((str(i), f"{hit.score:.3f}", hit.doc_id, str(hit.chunk_index), title, text))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    widths[2] = min(widths[2], 30)
+    widths[4] = min(widths[4], 28)
+    rest = max(width - sum(widths) - 2 * 5, 16)
     lines = []
     for r in rows:
         cells = [r[0].rjust(widths[0]), r[1].rjust(widths[1]), _clip(r[2], widths[2]).ljust(widths[2]),
-                 r[3].rjust(widths[3]), _clip(r[4], rest)]
-        lines.append("  ".join(cells))
-    lines.insert(1, "-" * min(width, len(max(lines, key=len))))
+                 r[3].rjust(widths[3]), _clip(r[4], widths[4]).ljust(widths[4]), _clip(r[5], rest)]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "-" * min(width, max(len(line) for line in lines)))
     if not result.hits:
         lines.append("(no readable chunk matches)")
     return "\n".join(lines)

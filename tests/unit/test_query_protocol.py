@@ -119,3 +119,18 @@ def test_unreadable_requests_still_get_a_reply(cfg, key, value, request_id):
 def test_invalid_request_with_a_passed_deadline_is_dropped(cfg):
     svc = QueryService(cfg, NoStore(), NoEmbedder(), sink=None)
     assert svc.admit(*raw(cfg, top_k=0, deadline_ms=1)) is None
+
+
+def test_hits_table():
+    from pipeline.client import hits_table
+    from schemas.queries import QueryHit, QueryResult
+
+    result = QueryResult(request_id="r", took_ms=1.0, model="m", hits=[
+        QueryHit(doc_id="pw", chunk_index=0, score=0.91234, title="Reset", text="Reset\n\nOpen the settings."),
+        QueryHit(doc_id="x" * 80, chunk_index=3, score=0.5, title="T", text=None),
+    ])
+    lines = hits_table(result, width=100).splitlines()
+    assert lines[0].split() == ["#", "score", "doc_id", "chunk", "title", "text"]
+    assert "0.912" in lines[2] and "Open the settings." in lines[2] and "Reset  Reset" not in lines[2]
+    assert all(len(line) <= 100 for line in lines)
+    assert "(no readable chunk matches)" in hits_table(QueryResult(request_id="r", took_ms=1, model="m", hits=[]))
