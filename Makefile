@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install demo test test-all lint schemas bench dashboard clean
+.PHONY: install demo test test-slow test-all reliability lint schemas bench dashboard clean
 
 install:
 	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]'
@@ -16,9 +16,21 @@ demo: install
 test: install
 	$(PYTHON) -m pytest
 
+## the long chaos variants (20 SIGKILLs in one run, broker SIGKILL, SIGTERM during an outage)
+test-slow: install
+	$(PYTHON) -m pytest -m slow
+
 ## the default suite plus the long variants marked slow
 test-all: install
 	$(PYTHON) -m pytest -m ''
+
+## run every chaos scenario (fast and slow) and rewrite RELIABILITY.md from what they counted
+reliability: install
+	$(PYTHON) -m tests.chaos.report --slow
+
+## the benchmark suite: prints tables, writes benchmarks/results/*.md and SUMMARY.md (about 30 min)
+bench: install
+	$(PYTHON) -m benchmarks
 
 lint: install
 	$(PYTHON) -m ruff check .
