@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from pipeline import metrics as m
 from pipeline.decode import Record, Rejected
-from pipeline.errors import BreakerOpenError, BrokerUnavailableError
+from pipeline.errors import BreakerOpenError, BrokerUnavailableError, ShutdownRequested
 from pipeline.ingest import IngestService
 from pipeline.settings import Settings
 from schemas.dead_letter import DEAD_LETTER_HEADERS as H
@@ -129,6 +129,10 @@ def install_ingest_agent(app: faust.App, settings: Settings, service: IngestServ
             records = [to_record(e) for e in events]
             try:
                 report = await service.handle(records)
+            except ShutdownRequested:
+                # stopping while the batch waited for the store: nothing of it is acked, a restart replays it
+                log.warning("stopping: %d records given back uncommitted", len(records))
+                await asyncio.Event().wait()  # until faust cancels the agent
             except BreakerOpenError as exc:
                 # stop consuming: nothing of this batch is acked, lag grows, /readyz and alerts say why
                 log.critical("ingest breaker open: %s", exc)
@@ -160,6 +164,20 @@ def install_ingest_agent(app: faust.App, settings: Settings, service: IngestServ
         update_consumer_lag(app, settings.kafka.documents_topic)
 
     return agent
+
+
+def give_back_on_stop(app: faust.App, service: IngestService) -> None:
+    """Called on SIGTERM/SIGINT, before faust stops: a batch stuck in a retry loop is given back.
+
+    faust waits on shutdown until every taken event is acked (stream_wait_empty); a batch waiting for an
+    unavailable store never would be, so the worker would ignore SIGTERM until SIGKILL. A batch that is
+    making progress is still finished and committed as usual.
+    """
+    service.stopping = True
+    if service.paused:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # faust warns that the setting was read before
+            app.conf.stream_wait_empty = False
 
 
 def update_consumer_lag(app: faust.App, topic: str) -> None:

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -59,7 +61,7 @@ def run_worker(settings: Settings | None = None) -> int:
     """Run the agents of ``settings.roles`` until SIGTERM/SIGINT. Returns the process exit code."""
     import faust
 
-    from agents.app import FaustDeadLetters, install_ingest_agent, make_app
+    from agents.app import FaustDeadLetters, give_back_on_stop, install_ingest_agent, make_app
     from pipeline.embedding import Embedder
     from pipeline.health import start_health_server
     from pipeline.ingest import IngestService
@@ -92,10 +94,12 @@ def run_worker(settings: Settings | None = None) -> int:
         if health is not None:
             health.not_ready_reason = reason
 
+    on_stop: list[Callable[[], None]] = []
     if "ingest" in roles:
         service = IngestService(settings, store, embedder,
                                 FaustDeadLetters(app, settings.kafka.dead_letter_topic))
         install_ingest_agent(app, settings, service, on_halt=halt)
+        on_stop.append(lambda: give_back_on_stop(app, service))
     if "query" in roles:
         # with both roles the query agent shares this process's store: Qdrant Edge is in-process
         from agents.query import FaustReplies, install_query_agent
@@ -109,8 +113,13 @@ def run_worker(settings: Settings | None = None) -> int:
     if health is not None:
         health.ready = True
 
-    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True,
-                          override_logging=False)
+    class Worker(faust.Worker):
+        def _schedule_shutdown(self, signal: Any) -> None:  # SIGTERM/SIGINT, before faust starts stopping
+            for hook in on_stop:
+                hook()
+            super()._schedule_shutdown(signal)
+
+    worker = Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, override_logging=False)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -79,6 +79,12 @@ class BreakerOpenError(VectorstreamError):
     reason = "breaker_open"
 
 
+class ShutdownRequested(VectorstreamError):
+    """The process is stopping while a batch waits for a dependency: give the batch back uncommitted."""
+
+    reason = "shutdown"
+
+
 # --- transient: retry with backoff, pause consumption, never dead-letter -------------------------------
 
 

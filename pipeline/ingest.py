@@ -43,7 +43,7 @@ from pipeline import metrics as m
 from pipeline.chunking import Chunk
 from pipeline.decode import Decoded, Record, Rejected, Tombstone, decode_record
 from pipeline.embedding import Embedder
-from pipeline.errors import BreakerOpenError, VectorstreamError
+from pipeline.errors import BreakerOpenError, ShutdownRequested, VectorstreamError
 from pipeline.settings import Settings
 from pipeline.store.base import (
     ACL_GROUPS,
@@ -187,6 +187,10 @@ class IngestService:
         self._last_busy = 0.0
         #: dead letters since the last record that was applied (the breaker's evidence)
         self.consecutive_failures = 0
+        #: set when the process is asked to stop: a batch waiting in a retry loop is given back
+        self.stopping = False
+        #: true while a batch waits in a retry loop for a dependency
+        self.paused = False
 
     # --- the entry point ---------------------------------------------------------------------------------
 
@@ -253,16 +257,24 @@ class IngestService:
                 except Exception as exc:  # noqa: BLE001 - policy: anything not known permanent is retried
                     if isinstance(exc, VectorstreamError) and not exc.retriable:
                         raise
+                    if self.stopping:
+                        raise ShutdownRequested("stopping while waiting for a dependency; the batch is "
+                                                "given back uncommitted") from exc
                     reason = exc.reason if isinstance(exc, VectorstreamError) else "unexpected"
                     m.RETRIES.labels(reason=reason).inc()
                     m.PAUSED.set(1)
+                    self.paused = True
                     report.retries += 1
                     log.warning("ingest paused (%s: %s); retrying in %.1fs", reason, exc, delay,
                                 exc_info=not isinstance(exc, VectorstreamError))
                     await self._sleep(delay * (0.8 + 0.4 * random.random()))
+                    if self.stopping:
+                        raise ShutdownRequested("stopping while waiting for a dependency; the batch is "
+                                                "given back uncommitted") from exc
                     delay = min(delay * 2, cfg.retry_max_seconds)
         finally:
             m.PAUSED.set(0)
+            self.paused = False
 
     async def _dead_letter(self, record: Record, rejected: Rejected, report: BatchReport, *,
                            check_breaker: bool = True) -> None:

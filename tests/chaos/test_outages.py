@@ -115,9 +115,6 @@ async def test_broker_killed_mid_ingest_worker_recovers_by_itself(apache_kafka, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known issue: faust waits on shutdown for the in-flight batch to be acked "
-                   "(stream_wait_empty) and IngestService retries it for as long as the store is down, so SIGTERM "
-                   "is ignored until the outage ends or SIGKILL comes; nothing is lost or committed")
 async def test_sigterm_during_store_outage_gives_the_batch_back(apache_kafka, tmp_path, settings, embedder):
     """A worker asked to stop while its batch waits for the store should give the batch back and leave."""
     rng = random.Random(13)
