@@ -98,28 +98,39 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
             say(f"  {changed[0]:.1f}s; full re-ingest, every chunk changed")
             time.sleep(3)
             full = _timed_pass(worker, broker.bootstrap_servers, everything, 3)
-            say(f"  {full[0]:.1f}s")
+            say(f"  {full[0]:.1f}s; only the edited documents re-published")
+            time.sleep(3)
+            only_changed = [_edit(everything[i], "revised again") for i in sorted(edited)]
+            only = _timed_pass(worker, broker.bootstrap_servers, only_changed, 4)
+            say(f"  {only[0]:.1f}s")
         finally:
             worker.terminate()
     finally:
         broker.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    names = ["initial ingest (empty store)", "re-ingest, ~5% of chunks changed", "full re-ingest, all chunks changed"]
-    rows = [[n, len(docs), round(s, 2), int(e), int(r), f"{e / max(1, e + r):.1%}"]
-            for n, (s, e, r) in zip(names, (first, changed, full), strict=True)]
+    names = ["initial ingest (empty store)", "re-ingest, ~5% of chunks changed", "full re-ingest, all chunks changed",
+             "only the changed documents re-published"]
+    passes = (first, changed, full, only)
+    counts = (len(docs), len(docs), len(docs), len(only_changed))
+    rows = [[n, c, round(s, 2), int(e), int(r), f"{e / max(1, e + r):.1%}"]
+            for n, c, (s, e, r) in zip(names, counts, passes, strict=True)]
     body = table(["pass", "documents", "seconds", "chunks embedded", "chunks reused", "changed"], rows)
     ratio = changed[0] / full[0]
-    targets = table(["target", "measured", "target", "met"],
-                    [["5%-changed re-ingest time vs full re-ingest", f"{ratio:.1%}", "<= 10%",
-                      "yes" if ratio <= 0.10 else "no"]])
+    ratio_only = only[0] / full[0]
+    targets = table(["target", "measured", "target", "met"], [
+        ["5%-changed re-ingest time vs full re-ingest (every document re-published)", f"{ratio:.1%}", "<= 10%",
+         "yes" if ratio <= 0.10 else "no"],
+        ["the same when only the changed documents are re-published", f"{ratio_only:.1%}", "<= 10%",
+         "yes" if ratio_only <= 0.10 else "no"],
+    ])
     print(body)
     print()
     print(targets)
     data = {"docs": len(docs), "chunks": total, "backend": label, "edited_docs": len(edited),
-            "passes": [{"name": n, "seconds": s, "embedded": e, "reused": r}
-                       for n, (s, e, r) in zip(names, (first, changed, full), strict=True)],
-            "ratio": ratio}
+            "passes": [{"name": n, "documents": c, "seconds": s, "embedded": e, "reused": r}
+                       for n, c, (s, e, r) in zip(names, counts, passes, strict=True)],
+            "ratio": ratio, "ratio_only_changed_documents": ratio_only}
     if write:
         method = (
             f"{len(docs)} scifact documents ({total} chunks), embedded with {label}, one Apache Kafka broker and one "
@@ -128,7 +139,8 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
             "event applied. The ~5% pass appends a few characters to one chunk of randomly chosen documents; "
             "unchanged chunks reuse their stored vectors (content hash) and only the changed ones are embedded. "
             "The full pass changes every chunk (the text in upper case: new content hashes, the same tokens for "
-            "this uncased model, so the same embedding work as the first ingest)."
+            "this uncased model, so the same embedding work as the first ingest). The last pass re-publishes only "
+            "the edited documents (as a change-data-capture producer would), each with one chunk changed again."
         )
         path = write_results("reingest", title="Re-ingest with few changes vs full re-ingest",
                              sections=[("Results", body), ("Targets", targets), ("Method", method)],
