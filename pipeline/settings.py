@@ -58,8 +58,9 @@ class ModelSettings(BaseModel):
     #: torch device of the embedding model ("cpu", "cuda")
     device: str = "cpu"
     #: how embeddings are computed: "torch" (PyTorch fp32), "onnx" / "onnx-int8" (ONNX Runtime), "openvino" /
-    #: "openvino-int8"; exported models are made on first use and cached in cache_dir
-    backend: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = "openvino-int8"
+    #: "openvino-int8", or "auto": openvino-int8 on CPUs with VNNI or AMX, openvino (fp32) on the others;
+    #: exported models are made on first use and cached in cache_dir
+    backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = "auto"
     #: where exported models are cached (keyed by model, backend and CPU instruction set);
     #: empty means $XDG_CACHE_HOME/vectorstream/models (~/.cache/vectorstream/models)
     cache_dir: Path | None = None
@@ -109,6 +110,21 @@ class StoreSettings(BaseModel):
     hnsw_ef: int = Field(default=128, ge=1, le=4096)
     #: below this many points (in KB of vectors) Qdrant searches exactly; the default builds HNSW early
     full_scan_threshold_kb: int = Field(default=1, ge=1)
+    #: vector quantization: "none" searches the float32 vectors; "int8" keeps a scalar-quantized copy (4x smaller)
+    #: in RAM, searches it and rescores the best candidates with the originals
+    quantization: Literal["none", "int8"] = "none"
+    #: with quantization: candidates searched per requested hit before rescoring with the original vectors
+    quantization_oversampling: float = Field(default=2.0, ge=1, le=16)
+    #: keep the original vectors on disk (memory-mapped, read through the page cache); pays with quantization on
+    vectors_on_disk: bool = False
+    #: keep the HNSW graph on disk (memory-mapped) instead of in RAM
+    hnsw_on_disk: bool = False
+    #: Qdrant server only: shards of a new collection, spread over the cluster's nodes ...
+    shard_number: int = Field(default=1, ge=1, le=1024)
+    #: ... copies of every shard on different nodes ...
+    replication_factor: int = Field(default=1, ge=1, le=16)
+    #: ... and how many copies must confirm a write before it counts as done
+    write_consistency_factor: int = Field(default=1, ge=1, le=16)
     #: the worker builds the HNSW index after writes have been quiet this long ...
     index_idle_seconds: float = Field(default=2.0, gt=0)
     #: ... or as soon as this many points are unindexed

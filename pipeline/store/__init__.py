@@ -33,6 +33,7 @@ from pipeline.store.base import (
     MatchAny,
     Range,
     StoreInfo,
+    VectorLayout,
     VectorStore,
     chunk_point_id,
     doc_point_id,
@@ -65,11 +66,21 @@ __all__ = [
     "MatchAny",
     "Range",
     "StoreInfo",
+    "VectorLayout",
     "VectorStore",
     "chunk_point_id",
     "doc_point_id",
     "open_store",
 ]
+
+
+def layout_from_settings(settings: StoreSettings) -> VectorLayout:
+    return VectorLayout(
+        quantization=settings.quantization,
+        oversampling=settings.quantization_oversampling,
+        vectors_on_disk=settings.vectors_on_disk,
+        hnsw_on_disk=settings.hnsw_on_disk,
+    )
 
 
 def open_store(settings: Settings | StoreSettings) -> VectorStore:

@@ -123,6 +123,25 @@ class HnswParams:
 
 
 @dataclass(frozen=True)
+class VectorLayout:
+    """How vectors and the graph are kept: what makes a million chunks fit one machine.
+
+    ``quantization="int8"`` keeps a scalar-quantized copy of every vector (a quarter of the size) that the
+    search walks, then rescores ``oversampling`` x ``limit`` candidates with the original vectors; with
+    ``vectors_on_disk`` those originals are memory-mapped instead of held in RAM.
+    """
+
+    quantization: str = "none"
+    oversampling: float = 2.0
+    vectors_on_disk: bool = False
+    hnsw_on_disk: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+
+@dataclass(frozen=True)
 class StoreInfo:
     model: str
     dim: int

@@ -43,6 +43,7 @@ from pipeline.store.base import (
     MatchAny,
     Range,
     StoreInfo,
+    VectorLayout,
     VectorStore,
     doc_point_id,
 )
@@ -96,12 +97,14 @@ class EdgeStore(VectorStore):
         *,
         hnsw: HnswParams = HnswParams(),
         hnsw_ef: int = 128,
+        layout: VectorLayout = VectorLayout(),
         flush_writes: bool = True,
     ) -> None:
         self._root = Path(root)
         self._collection = collection
         self._hnsw = hnsw
         self._hnsw_ef = hnsw_ef
+        self._layout = layout
         self._flush_writes = flush_writes
         self._executor: ThreadPoolExecutor | None = None
         self._chunks: qe.EdgeShard | None = None
@@ -111,6 +114,8 @@ class EdgeStore(VectorStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> EdgeStore:
+        from pipeline.store import layout_from_settings
+
         return cls(
             settings.path,
             settings.collection,
@@ -120,6 +125,7 @@ class EdgeStore(VectorStore):
                 full_scan_threshold_kb=settings.full_scan_threshold_kb,
             ),
             hnsw_ef=settings.hnsw_ef,
+            layout=layout_from_settings(settings),
         )
 
     @property
@@ -215,10 +221,23 @@ class EdgeStore(VectorStore):
 
     def _chunk_config(self, dim: int) -> qe.EdgeConfig:
         kb = self._hnsw.full_scan_threshold_kb
+        layout = self._layout
+        quantization = None
+        if layout.quantized:
+            # the quantized copy is what the graph walk reads: keep it in RAM whatever the originals do
+            quantization = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, memory=qe.Memory.Pinned)
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
+            vectors=qe.EdgeVectorParams(
+                size=dim,
+                distance=qe.Distance.Cosine,
+                memory=qe.Memory.Cold if layout.vectors_on_disk else qe.Memory.Cached,
+            ),
+            quantization_config=quantization,
             hnsw_config=qe.HnswIndexConfig(
-                m=self._hnsw.m, ef_construct=self._hnsw.ef_construct, full_scan_threshold=kb
+                m=self._hnsw.m,
+                ef_construct=self._hnsw.ef_construct,
+                full_scan_threshold=kb,
+                memory=qe.Memory.Cold if layout.hnsw_on_disk else None,
             ),
             # Edge has no background optimizer: build_index() runs it, and it indexes every segment above this size
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=kb),
@@ -324,7 +343,9 @@ class EdgeStore(VectorStore):
             limit=limit,
             query=qe.Query.Nearest(_as_list(vector)),
             filter=_edge_filter(flt),
-            params=qe.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact),
+            params=qe.SearchParams(
+                hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=self._quantization(exact)
+            ),
             with_payload=True,
             with_vector=with_vectors,
         )
@@ -341,6 +362,13 @@ class EdgeStore(VectorStore):
             ]
 
         return await self._run(query)
+
+    def _quantization(self, exact: bool) -> qe.QuantizationSearchParams | None:
+        if not self._layout.quantized:
+            return None
+        if exact:  # exact search is the ground truth of recall: the original vectors only
+            return qe.QuantizationSearchParams(ignore=True)
+        return qe.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling)
 
     async def build_index(self) -> None:
         def optimize() -> None:

@@ -46,6 +46,7 @@ from pipeline.store.base import (
     MatchAny,
     Range,
     StoreInfo,
+    VectorLayout,
     VectorStore,
     doc_point_id,
 )
@@ -102,6 +103,10 @@ class QdrantStore(VectorStore):
         timeout_seconds: float = 10.0,
         hnsw: HnswParams = HnswParams(),
         hnsw_ef: int = 128,
+        layout: VectorLayout = VectorLayout(),
+        shard_number: int = 1,
+        replication_factor: int = 1,
+        write_consistency_factor: int = 1,
     ) -> None:
         if sum(x is not None for x in (url, path, location)) != 1:
             raise ConfigurationError("QdrantStore needs exactly one of url (server), path or location (local mode)")
@@ -115,12 +120,21 @@ class QdrantStore(VectorStore):
         self._timeout = timeout_seconds
         self._hnsw = hnsw
         self._hnsw_ef = hnsw_ef
+        self._layout = layout
+        #: a new collection's distribution over a Qdrant cluster (ignored by local mode)
+        self._cluster = {
+            "shard_number": shard_number,
+            "replication_factor": replication_factor,
+            "write_consistency_factor": write_consistency_factor,
+        }
         self._client: AsyncQdrantClient | None = None
         self._model = ""
         self._dim = 0
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> QdrantStore:
+        from pipeline.store import layout_from_settings
+
         if settings.url:
             where: dict[str, Any] = {"url": settings.url}
         elif settings.local_path is not None:
@@ -142,6 +156,10 @@ class QdrantStore(VectorStore):
                 full_scan_threshold_kb=settings.full_scan_threshold_kb,
             ),
             hnsw_ef=settings.hnsw_ef,
+            layout=layout_from_settings(settings),
+            shard_number=settings.shard_number,
+            replication_factor=settings.replication_factor,
+            write_consistency_factor=settings.write_consistency_factor,
         )
 
     @property
@@ -225,14 +243,26 @@ class QdrantStore(VectorStore):
                 )
             existing = set(info.payload_schema or {})
         else:
+            layout = self._layout
+            quantization = None
+            if layout.quantized:
+                quantization = models.ScalarQuantization(
+                    scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
+                )
+            cluster = {} if self.is_local else self._cluster
             await self._create_collection(
                 self._collection,
-                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                vectors_config=models.VectorParams(
+                    size=dim, distance=models.Distance.COSINE, on_disk=layout.vectors_on_disk or None
+                ),
                 hnsw_config=models.HnswConfigDiff(
                     m=self._hnsw.m,
                     ef_construct=self._hnsw.ef_construct,
                     full_scan_threshold=self._hnsw.full_scan_threshold_kb,
+                    on_disk=layout.hnsw_on_disk or None,
                 ),
+                quantization_config=quantization,
+                **cluster,
             )
             existing = set()
         if self.is_local:
@@ -342,7 +372,13 @@ class QdrantStore(VectorStore):
         with_vectors: bool = False,
     ) -> list[Hit]:
         # local mode always searches exactly, and warns when given search params
-        params = None if self.is_local else models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact)
+        params = None
+        if not self.is_local:
+            quantization = None
+            if self._layout.quantized:  # exact search is the ground truth of recall: original vectors only
+                quantization = (models.QuantizationSearchParams(ignore=True) if exact else
+                                models.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling))
+            params = models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=quantization)
         query = _as_list(vector)
         response = await self._call(
             "search",

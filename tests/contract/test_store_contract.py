@@ -38,16 +38,19 @@ from pipeline.store.base import (
     Match,
     MatchAny,
     Range,
+    VectorLayout,
     VectorStore,
     chunk_point_id,
 )
 from pipeline.store.edge import EdgeStore
 from pipeline.store.qdrant import QdrantStore
 
-BACKENDS = ("edge", "qdrant-local")
+#: edge-int8: the million-chunk layout (int8 quantized copies searched, originals and graph on disk, rescored)
+BACKENDS = ("edge", "edge-int8", "qdrant-local")
 MODEL = "contract-model"
 DIM = 16
 HNSW = HnswParams(m=16, ef_construct=100, full_scan_threshold_kb=1)
+SCALE_LAYOUT = VectorLayout(quantization="int8", oversampling=2.0, vectors_on_disk=True, hnsw_on_disk=True)
 
 StoreFactory = Callable[..., VectorStore]
 
@@ -55,6 +58,8 @@ StoreFactory = Callable[..., VectorStore]
 def build_store(backend: str, root: Path, collection: str = "chunks") -> VectorStore:
     if backend == "edge":
         return EdgeStore(root / "edge", collection, hnsw=HNSW, hnsw_ef=128)
+    if backend == "edge-int8":
+        return EdgeStore(root / "edge-int8", collection, hnsw=HNSW, hnsw_ef=128, layout=SCALE_LAYOUT)
     if backend == "qdrant-local":
         return QdrantStore(collection, path=root / "qdrant-local", hnsw=HNSW, hnsw_ef=128)
     raise ValueError(backend)
@@ -629,7 +634,7 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
 async def test_adapters_agree_on_a_random_history(tmp_path: Path) -> None:
     """One random sequence of writes applied to both adapters; every read must then give the same answer."""
     rng = np.random.default_rng(11)
-    stores = [build_store(b, tmp_path) for b in ("edge", "qdrant-local")]
+    stores = [build_store(b, tmp_path) for b in ("edge", "qdrant-local", "edge-int8")]
     for s in stores:
         await s.open(model=MODEL, dim=DIM)
     try:
@@ -670,12 +675,14 @@ async def test_adapters_agree_on_a_random_history(tmp_path: Path) -> None:
         for s in stores:
             await s.build_index()
 
-        edge, local = stores
-        assert await edge.count() == await local.count() > 0
+        edge, local, quantized = stores
+        assert await edge.count() == await local.count() == await quantized.count() > 0
         keys = [(f"t{t}", f"d{d}") for t in range(3) for d in range(8)]
-        assert await edge.get_doc_states(keys) == await local.get_doc_states(keys)
+        states = await edge.get_doc_states(keys)
+        assert states == await local.get_doc_states(keys) == await quantized.get_doc_states(keys)
         edge_scroll = {h.id: h.payload for h in await edge.scroll()}
         assert edge_scroll == {h.id: h.payload for h in await local.scroll()}
+        assert edge_scroll == {h.id: h.payload for h in await quantized.scroll()}
 
         filters: list[Filter | None] = [
             None,
@@ -691,6 +698,10 @@ async def test_adapters_agree_on_a_random_history(tmp_path: Path) -> None:
                 np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-4)
                 assert [h.payload for h in a] == [h.payload for h in b]
                 assert await edge.count(flt) == await local.count(flt)
+                # exact search on the quantized layout reads the original vectors: the same answer, same scores
+                c = await quantized.search(query, flt=flt, limit=15, exact=True)
+                assert [h.id for h in c] == [h.id for h in a]
+                np.testing.assert_allclose([h.score for h in c], [h.score for h in a], atol=1e-4)
     finally:
         for s in stores:
             await s.close()
