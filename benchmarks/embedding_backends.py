@@ -92,8 +92,13 @@ def run(docs_n: int = DEFAULT_DOCS, backends: tuple[str, ...] | None = None, wri
             f"on the project's calibration texts (pipeline/calibration.py), threshold {threshold}. "
             "First load includes the export when the cache was cold (then cached under ~/.cache/vectorstream)."
         )
+        from pipeline.backends import auto_backend, cpu_isa
+
+        default = base.model.backend
+        if default == "auto":
+            default = f"auto, which is {auto_backend()} on this CPU ({cpu_isa()})"
         summary = (f"Fastest backend that passes the guard: **{best['backend']}**. "
-                   f"Default in settings: **{base.model.backend}**.")
+                   f"Default in settings: **{default}**.")
         path = write_results("embedding_backends", title="Embedding backends side by side",
                              sections=[("Results", body), ("Choice", summary), ("Method", method)],
                              data=data, machine=machine)

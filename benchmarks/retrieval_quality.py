@@ -151,9 +151,12 @@ def end_to_end(docs: list[Doc], queries: dict[str, str], qrels: dict[str, dict[s
 
 def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> dict[str, Any]:
     offline()
+    from pipeline.backends import auto_backend
     from pipeline.settings import Settings
 
     backend = Settings(_env_file=None).model.backend
+    if backend == "auto":
+        backend = auto_backend()
     machine = machine_info()
     docs = load_corpus()
     queries = load_queries()

@@ -70,6 +70,17 @@ def cpu_isa(flags: set[str] | None = None) -> str:
     return "generic"
 
 
+def auto_backend(isa: str | None = None) -> str:
+    """The backend ``auto`` stands for on this CPU, from benchmarks/results/embedding_backends*.md.
+
+    With VNNI or AMX (int8 dot products in one instruction) OpenVINO int8 was 3.7-4.5x PyTorch at a mean
+    cosine of 0.996 to fp32. Without them (AVX2 only) int8 was slower than fp32 (0.78x PyTorch), and OpenVINO
+    fp32 was the fastest backend (1.08x PyTorch) with vectors identical to PyTorch's.
+    """
+    isa = cpu_isa() if isa is None else isa
+    return "openvino-int8" if isa in ("amx", "avx512_vnni") else "openvino"
+
+
 def int8_reduce_range(isa: str) -> bool:
     """Without VNNI the u8 x s8 multiply-add can saturate; 7-bit weights (reduce_range) avoid that."""
     return isa not in ("amx", "avx512_vnni")
@@ -372,6 +383,8 @@ def load_backend(
     A backend whose mean cosine to PyTorch fp32 on the calibration texts is below ``min_cosine`` raises
     :class:`ConfigurationError` unless ``force``.
     """
+    if name == "auto":
+        name = auto_backend()
     if name not in BACKENDS:
         raise ConfigurationError(f"unknown embedding backend {name!r}; choose one of {', '.join(BACKENDS)}")
     torch_backend = TorchBackend(st_model)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.backends import (
+    auto_backend,
     cpu_isa,
     export_dir,
     int8_reduce_range,
@@ -25,6 +26,17 @@ from pipeline.errors import ConfigurationError
 ])
 def test_isa_is_the_best_int8_instruction_set_of_the_cpu(flags, isa):
     assert cpu_isa(flags) == isa
+
+
+@pytest.mark.parametrize(("isa", "backend"), [
+    ("amx", "openvino-int8"),
+    ("avx512_vnni", "openvino-int8"),
+    ("avx512", "openvino"),  # int8 without a one-instruction dot product was measured slower than fp32
+    ("avx2", "openvino"),
+    ("generic", "openvino"),
+])
+def test_auto_backend_uses_int8_only_where_the_cpu_multiplies_int8_fast(isa, backend):
+    assert auto_backend(isa) == backend
 
 
 def test_reduce_range_only_without_vnni():
