@@ -86,10 +86,11 @@ async def test_sigkill_at_random_moments_twenty_times(apache_kafka, tmp_path, se
 async def test_sigterm_mid_batch_finishes_or_gives_back_the_batch(apache_kafka, tmp_path, settings, embedder):
     rng = random.Random(3)
     sc = await Scenario(apache_kafka.bootstrap_servers, tmp_path, "sigterm", settings).setup()
-    # one big, slow first batch: 48 documents of ~6 chunks each, all waiting before the worker starts
+    # one big, slow first batch: 20 documents of ~7 chunks each, all waiting before the worker starts (big enough
+    # to be caught mid-way, small enough to finish well within the SIGTERM bound on a slow AVX2-only CPU)
     docs = [upsert("acme", f"big-{i}", 1, " ".join(
         f"Section {j} of big document {i} covers topic {rng.randrange(10**6)} in considerable detail."
-        for j in range(110))) for i in range(48)]
+        for j in range(110))) for i in range(20)]
     with cleanup(sc):
         produced = await sc.produce(docs)
         w = sc.worker({"VECTORSTREAM_INGEST__MAX_BATCH_EVENTS": "256",

@@ -80,7 +80,10 @@ async def test_sigkill_mid_stream_then_restart_indexes_everything_once(apache_ka
     run = uuid.uuid4().hex[:8]
     topic, group = f"crash2-{run}", f"g2-{run}"
     chunker = embedder.chunker()
-    docs = [good(i) for i in range(120)]
+    # 60 short documents (one or two chunks): 8 batches of 8, so the kill lands between batches of real work
+    docs = [good(i, text=" ".join(f"Document {i} sentence {j} names item {i * 100 + j}."
+                                  for j in range(5 + 20 * (i % 3))))
+            for i in range(60)]
     expected = sum(len(chunker.split(chunker.document_text(ev.title, ev.text))) for ev in docs)
     common = dict(bootstrap=bootstrap, store_path=tmp_path / "edge", topic=topic, dlq=f"{topic}.dlq",
                   group=group, log_path=tmp_path / "worker.log",
