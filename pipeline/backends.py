@@ -74,8 +74,9 @@ def auto_backend(isa: str | None = None) -> str:
     """The backend ``auto`` stands for on this CPU, from benchmarks/results/embedding_backends*.md.
 
     With VNNI or AMX (int8 dot products in one instruction) OpenVINO int8 was 3.7-4.5x PyTorch at a mean
-    cosine of 0.996 to fp32. Without them (AVX2 only) int8 was slower than fp32 (0.78x PyTorch), and OpenVINO
-    fp32 was the fastest backend (1.08x PyTorch) with vectors identical to PyTorch's.
+    cosine of 0.996 to fp32. Without them (AVX2 only) OpenVINO int8 was slower than OpenVINO fp32 in every run
+    (7.2 vs 9.0 and 8.0 vs 11.1 chunks/s), and OpenVINO fp32 was the fastest backend, with vectors identical
+    to PyTorch's.
     """
     isa = cpu_isa() if isa is None else isa
     return "openvino-int8" if isa in ("amx", "avx512_vnni") else "openvino"
