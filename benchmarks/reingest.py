@@ -47,6 +47,24 @@ def _timed_pass(worker: Any, bootstrap: str, docs: list[Doc], version: int) -> t
     return seconds, delta("vectorstream_chunks_embedded_total"), delta("vectorstream_chunks_reused_total")
 
 
+def _settle(worker: Any, builds_before: float, quiet_seconds: float = 4.0, timeout: float = 900.0) -> None:
+    """Wait until the worker built the HNSW index over what the last pass wrote, and built nothing more for
+    ``quiet_seconds``: Qdrant Edge holds the GIL while it builds, so a build left running would stall the
+    worker inside the next pass's timing (a fixed sleep was too short on slower CPUs)."""
+
+    worker.wait_for(lambda: _builds(worker) > builds_before, timeout=timeout, what="the index build after a pass")
+    last, since = _builds(worker), time.monotonic()
+    while time.monotonic() - since < quiet_seconds:
+        time.sleep(0.5)
+        now = _builds(worker)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def _builds(worker: Any) -> float:
+    return (worker.metrics() or {}).get("vectorstream_index_builds_total", 0.0)
+
+
 def _edit(doc: Doc, tag: str) -> Doc:
     """Change the document's last sentence, so its last chunk (and usually only that one) changes."""
     return replace(doc, text=f"{doc.text} ({tag})")
@@ -88,18 +106,23 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
         worker = start_worker(broker.bootstrap_servers, scratch / "edge", scratch / "worker.log")
         try:
             say("worker starting; warming it up with one document")
+            b = _builds(worker)
             asyncio.run(_publish_versions(broker.bootstrap_servers, worker.topic, [replace(docs[0], id="warmup")], 1))
             worker.wait_events(1, timeout=300)
+            _settle(worker, b)
             say(f"initial ingest of {len(docs)} documents ({total} chunks)")
+            b = _builds(worker)
             first = _timed_pass(worker, broker.bootstrap_servers, docs, 1)
             say(f"  {first[0]:.1f}s; re-ingest with {len(edited)} documents edited (~5% of chunks)")
-            time.sleep(3)  # let the worker's index build run now, not inside the next timing
+            _settle(worker, b)  # the index build over this pass runs now, not inside the next timing
+            b = _builds(worker)
             changed = _timed_pass(worker, broker.bootstrap_servers, partial, 2)
             say(f"  {changed[0]:.1f}s; full re-ingest, every chunk changed")
-            time.sleep(3)
+            _settle(worker, b)
+            b = _builds(worker)
             full = _timed_pass(worker, broker.bootstrap_servers, everything, 3)
             say(f"  {full[0]:.1f}s; only the edited documents re-published")
-            time.sleep(3)
+            _settle(worker, b)
             only_changed = [_edit(everything[i], "revised again") for i in sorted(edited)]
             only = _timed_pass(worker, broker.bootstrap_servers, only_changed, 4)
             say(f"  {only[0]:.1f}s")
@@ -136,7 +159,9 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
             f"{len(docs)} scifact documents ({total} chunks), embedded with {label}, one Apache Kafka broker and one "
             "worker on Qdrant Edge. Each pass publishes every document again with a higher version (a full re-sync "
             "from the source) and is timed from the first event published until the worker's metrics show every "
-            "event applied. The ~5% pass appends a few characters to one chunk of randomly chosen documents; "
+            "event applied; each pass starts once the worker has built the HNSW index over the previous one and gone "
+            "quiet (Qdrant Edge holds the GIL while it builds, which would otherwise stall the next pass). "
+            "The ~5% pass appends a few characters to one chunk of randomly chosen documents; "
             "unchanged chunks reuse their stored vectors (content hash) and only the changed ones are embedded. "
             "The full pass changes every chunk (the text in upper case: new content hashes, the same tokens for "
             "this uncased model, so the same embedding work as the first ingest). The last pass re-publishes only "
