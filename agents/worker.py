@@ -105,6 +105,7 @@ def run_worker(settings: Settings | None = None) -> int:
         from agents.query import FaustReplies, install_query_agent
         from pipeline.query import QueryService
 
+        embedder.warm_query_lane()  # queries embed on a lane of their own, never behind an ingest batch
         queries = QueryService(settings, store, embedder, FaustReplies(app))
         if queries.verifier.uses_dev_secret:
             log.warning("query tokens are checked with the DEVELOPMENT secret: anyone can mint them; "

@@ -200,17 +200,18 @@ class OnnxBackend(_Tokenizing, _Sequential):
 
 class OpenVinoBackend(_Tokenizing):
     def __init__(self, path: Path, tokenizer: Any, max_seq_length: int, pooling: str, threads: int,
-                 label: str) -> None:
+                 label: str, *, latency: bool = False) -> None:
         super().__init__(tokenizer, max_seq_length, pooling)
         import openvino as ov
 
         core = ov.Core()
-        # one stream per core, one thread each: on few cores, batches side by side beat one batch on all
-        # threads (measured: ~1.3-1.8x on 2 cores), and tokenizing the next batch overlaps inference
-        self.streams = max(1, threads)
+        # ingest: one stream per core, one thread each: on few cores, batches side by side beat one batch on all
+        # threads (measured: ~1.3-1.8x on 2 cores), and tokenizing the next batch overlaps inference.
+        # queries (latency): one stream on every thread, so a single short text finishes soonest
+        self.streams = 1 if latency else max(1, threads)
         config = {
             "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "THROUGHPUT",
+            "PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT",
             "NUM_STREAMS": self.streams,
             # fp32 means fp32: without this OpenVINO computes in bf16 on CPUs that have it
             "INFERENCE_PRECISION_HINT": "f32",
@@ -378,6 +379,7 @@ def load_backend(
     cache_dir: Path | None = None,
     min_cosine: float = 0.99,
     force: bool = False,
+    latency: bool = False,
 ) -> tuple[Backend, dict[str, Any]]:
     """The named backend, exported on first use and cached; returns it with its quality record.
 
@@ -398,7 +400,7 @@ def load_backend(
     max_len = int(st_model.max_seq_length)
     if not (folder / "quality.json").is_file():
         _export(name, st_model, folder, cache, model_name, model_path, isa, max_len)
-    backend = _open(name, folder, st_model.tokenizer, max_len, pooling, threads, isa)
+    backend = _open(name, folder, st_model.tokenizer, max_len, pooling, threads, isa, latency)
     quality_path = folder / "quality.json"
     quality = json.loads(quality_path.read_text())
     if "mean_cosine" not in quality:
@@ -416,12 +418,13 @@ def load_backend(
     return backend, quality
 
 
-def _open(name: str, folder: Path, tokenizer: Any, max_len: int, pooling: str, threads: int, isa: str) -> Backend:
+def _open(name: str, folder: Path, tokenizer: Any, max_len: int, pooling: str, threads: int, isa: str,
+          latency: bool = False) -> Backend:
     if name.startswith("onnx"):
         label = "ONNX Runtime int8 (" + isa + ")" if name == "onnx-int8" else "ONNX Runtime fp32"
         return OnnxBackend(folder / "model.onnx", tokenizer, max_len, pooling, threads, label)
     label = "OpenVINO int8 (" + isa + ")" if name == "openvino-int8" else "OpenVINO fp32"
-    return OpenVinoBackend(folder / "model.xml", tokenizer, max_len, pooling, threads, label)
+    return OpenVinoBackend(folder / "model.xml", tokenizer, max_len, pooling, threads, label, latency=latency)
 
 
 def _export(name: str, st_model: Any, folder: Path, cache: Path, model_name: str, model_path: str, isa: str,

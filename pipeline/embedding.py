@@ -2,6 +2,8 @@
 
 Texts are sorted by length so a batch pads little, and encoding runs in a worker thread on the backend chosen
 in settings (PyTorch, ONNX Runtime or OpenVINO, see ``pipeline.backends``) so the event loop keeps going.
+Queries get a lane of their own (``encode_query``): a second instance of the backend tuned for latency, on its
+own thread, so a question never waits behind an ingest batch that takes tens of seconds to embed.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class Embedder:
         self.tokenizer = self.model.tokenizer
         self._special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-query")
+        self._query_backend: Any = None
+        self._threads = threads
         self.batch_token_budget = settings.model.batch_token_budget
         cfg = settings.model
         self.backend, self.quality = load_backend(
@@ -90,6 +95,21 @@ class Embedder:
         return [len(ids) for ids in enc["input_ids"]]
 
     def encode_sync(self, texts: Sequence[str], lengths: Sequence[int] | None = None) -> np.ndarray:
+        return self._encode_with(self.backend, texts, lengths)
+
+    def encode_query_sync(self, texts: Sequence[str]) -> np.ndarray:
+        """Like ``encode_sync``, on the query lane: the backend instance made for latency (made on first use)."""
+        if self._query_backend is None:
+            cfg = self.settings.model
+            # the export is cached and its quality already checked: this is a second compile, not a second export
+            self._query_backend, _ = load_backend(
+                cfg.backend, self.model, model_name=self.name, model_path=self.settings.model_path,
+                threads=self._threads, cache_dir=cfg.cache_dir, min_cosine=cfg.min_mean_cosine,
+                force=cfg.force_backend, latency=True,
+            )
+        return self._encode_with(self._query_backend, texts, None)
+
+    def _encode_with(self, backend: Any, texts: Sequence[str], lengths: Sequence[int] | None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if lengths is None:
@@ -97,7 +117,7 @@ class Embedder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         padded = [min(n + self._special, self.max_seq_length) for n in lengths]
         batches = token_budget_batches(padded, self.batch_token_budget)
-        vectors = self.backend.encode_batches([[texts[i] for i in batch] for batch in batches])
+        vectors = backend.encode_batches([[texts[i] for i in batch] for batch in batches])
         for batch, vecs in zip(batches, vectors, strict=True):
             out[batch] = vecs
         return out
@@ -108,5 +128,15 @@ class Embedder:
         return await loop.run_in_executor(self._executor, self.encode_sync, list(texts),
                                           None if lengths is None else list(lengths))
 
+    async def encode_query(self, texts: Sequence[str]) -> np.ndarray:
+        """Encode query texts off the event loop, on the query lane (never queued behind ingest)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._query_executor, self.encode_query_sync, list(texts))
+
+    def warm_query_lane(self) -> None:
+        """Make the query lane's backend now (a compile), so the first question does not pay for it."""
+        self.encode_query_sync(["warm up"])
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._query_executor.shutdown(wait=False, cancel_futures=True)

@@ -165,7 +165,8 @@ class MicroBatcher:
 class Embeds(Protocol):
     name: str
 
-    async def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+    async def encode_query(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed query texts; the Embedder keeps a lane for them apart from ingest's batches."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ class QueryService:
         self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
         self._admitted = 0
         self._limit = self.cfg.max_concurrency + self.cfg.max_queue
-        self._batcher = MicroBatcher(embedder.encode, window=self.cfg.batch_window_ms / 1000,
+        self._batcher = MicroBatcher(embedder.encode_query, window=self.cfg.batch_window_ms / 1000,
                                      max_batch=self.cfg.max_batch)
         self._recall: collections.deque[float] = collections.deque(maxlen=self.cfg.recall_window)
         self._sampling: asyncio.Task[None] | None = None

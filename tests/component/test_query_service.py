@@ -75,9 +75,9 @@ class CountingEmbedder:
         self.name = inner.name
         self.calls: list[int] = []
 
-    async def encode(self, texts):
+    async def encode_query(self, texts):
         self.calls.append(len(texts))
-        return await self.inner.encode(texts)
+        return await self.inner.encode_query(texts)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ class HashEmbedder:
 
     name = "hash"
 
-    async def encode(self, texts):
+    async def encode_query(self, texts):
         return np.array([unit(int(t[1:])) for t in texts], dtype=np.float32)
 
 

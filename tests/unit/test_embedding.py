@@ -52,3 +52,18 @@ async def test_encode_runs_off_the_event_loop(embedder):
     await embedder.encode(["some text to embed " * 40] * 64)
     task.cancel()
     assert ticks > 5, "the loop kept running while the model encoded"
+
+
+async def test_a_query_does_not_wait_behind_an_ingest_batch(embedder):
+    """Queries embed on a lane of their own: one arriving mid-batch is answered before the batch is done."""
+    import asyncio
+
+    embedder.warm_query_lane()  # the worker does this at start-up
+    question = "how do I reset my password"
+    ingest = asyncio.create_task(embedder.encode(["some long text to embed in an ingest batch " * 30] * 64))
+    await asyncio.sleep(0.05)  # the batch is under way
+    (vector,) = await embedder.encode_query([question])
+    assert not ingest.done(), "the query was answered while the ingest batch was still being embedded"
+    await ingest
+    same = embedder.encode_sync([question])[0]
+    assert float(vector @ same) > 0.9999  # the same model and backend on both lanes

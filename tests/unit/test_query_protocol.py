@@ -24,7 +24,7 @@ class NoStore:
 class NoEmbedder:
     name = "none"
 
-    async def encode(self, texts):
+    async def encode_query(self, texts):
         raise AssertionError("no embedding expected")
 
 
