@@ -112,8 +112,8 @@ async def _grow(scales: tuple[int, ...], base: np.ndarray, texts: list[str], qve
                     build_seconds += took
                     longest_build = max(longest_build, took)
                     unindexed = 0
-                if written % 50_000 == 0:
-                    say(f"  {written:,} chunks written")
+                if written // 50_000 != (written - n) // 50_000:  # crossed a multiple of 50k
+                    say(f"  {written:,} chunks written ({time.perf_counter() - started:.0f} s for this size)")
             segment_seconds = time.perf_counter() - started
             rate = (target - segment_start) / segment_seconds
             lat: list[float] = []
