@@ -546,6 +546,18 @@ log4j.logger.org.apache.zookeeper=WARN
 """
 
 
+def kraft_cluster_id() -> str:
+    """A random KRaft cluster id: 16 random bytes in URL-safe base64, never starting with "-".
+
+    One id in 64 would otherwise start with "-", which the storage tool's argument parser reads as an option
+    ("argument --cluster-id: expected one argument") and the broker harness failed to start.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class ApacheKafka(LocalBroker):
     """A single-node Apache Kafka (KRaft, combined broker + controller) with its data in ``data_dir``.
 
@@ -673,7 +685,7 @@ class ApacheKafka(LocalBroker):
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in self.server_properties().items()))
         (self.data_dir / "log4j.properties").write_text(_LOG4J)
         if not (self.data_dir / "kraft-logs" / "meta.properties").is_file():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = kraft_cluster_id()
             result = subprocess.run(
                 [
                     self._java,
@@ -682,8 +694,7 @@ class ApacheKafka(LocalBroker):
                     self._classpath,
                     "kafka.tools.StorageTool",
                     "format",
-                    "-t",
-                    cluster_id,
+                    f"--cluster-id={cluster_id}",
                     "-c",
                     str(self.config_path),
                 ],
