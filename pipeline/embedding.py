@@ -116,7 +116,15 @@ class Embedder:
             lengths = self.count_tokens(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         padded = [min(n + self._special, self.max_seq_length) for n in lengths]
-        batches = token_budget_batches(padded, self.batch_token_budget)
+        budget = self.batch_token_budget
+        streams = getattr(backend, "streams", 1)
+        if streams > 1 and len(texts) > 1:
+            # a backend running one batch per stream (OpenVINO, one core each) would leave cores idle on a
+            # small input that fits one batch: the trickle of a live topic, a re-ingest of a few edited
+            # chunks. Cap each batch at its share, so the input spreads over the streams.
+            share = -(-len(texts) // streams)
+            budget = min(budget, max(padded) * share)
+        batches = token_budget_batches(padded, budget)
         vectors = backend.encode_batches([[texts[i] for i in batch] for batch in batches])
         for batch, vecs in zip(batches, vectors, strict=True):
             out[batch] = vecs

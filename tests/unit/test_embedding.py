@@ -67,3 +67,33 @@ async def test_a_query_does_not_wait_behind_an_ingest_batch(embedder):
     await ingest
     same = embedder.encode_sync([question])[0]
     assert float(vector @ same) > 0.9999  # the same model and backend on both lanes
+
+
+class _Recording:
+    """A backend of ``streams`` parallel lanes that records the batches it is given."""
+
+    def __init__(self, streams: int, dim: int) -> None:
+        self.streams, self.dim, self.calls = streams, dim, []
+
+    def encode_batches(self, batches):
+        self.calls.append([len(b) for b in batches])
+        return [np.ones((len(b), self.dim), dtype=np.float32) for b in batches]
+
+
+def test_a_small_input_is_spread_over_every_stream(embedder):
+    # 10 chunks fit one token-budget batch; on a backend with one stream per core that batch would run on
+    # one core while the other idles
+    texts = [f"chunk number {i} of a lightly edited document" for i in range(10)]
+    two = _Recording(2, embedder.dim)
+    out = embedder._encode_with(two, texts, [40] * 10)
+    assert out.shape == (10, embedder.dim)
+    assert two.calls == [[5, 5]]
+    one = _Recording(1, embedder.dim)
+    embedder._encode_with(one, texts, [40] * 10)
+    assert one.calls == [[10]]
+    # a large input keeps the token budget: no batch grows past it, none is cut smaller than needed
+    many = [f"text {i}" for i in range(2000)]
+    two.calls.clear()
+    embedder._encode_with(two, many, [200] * 2000)
+    per_batch = embedder.batch_token_budget // (200 + embedder._special)
+    assert max(two.calls[0]) == per_batch and len(two.calls[0]) == -(-2000 // per_batch)
