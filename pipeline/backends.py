@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ class Backend(Protocol):
     """Encodes already-batched texts to L2-normalized float32 vectors."""
 
     label: str
+    #: batches it runs side by side (OpenVINO: one per stream); 1 when one batch takes every core
+    streams: int
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray: ...
 
@@ -159,9 +162,13 @@ class _Tokenizing:
 # --- the backends ------------------------------------------------------------------------------------------------
 
 
-class _Sequential:
-    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
-        raise NotImplementedError
+class _Sequential(ABC):
+    """One batch at a time, on every thread."""
+
+    streams = 1
+
+    @abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray: ...
 
     def encode_batches(self, batches: Sequence[Sequence[str]]) -> list[np.ndarray]:
         return [self.encode_batch(b) for b in batches]

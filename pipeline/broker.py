@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -248,7 +249,7 @@ def _stop_leftovers() -> None:
             broker.close(timeout=5.0)
 
 
-class LocalBroker:
+class LocalBroker(ABC):
     """What both brokers share: one child process, a log file, start/stop/kill/restart, context managers."""
 
     #: shown in the start-up line, e.g. "Apache Kafka 3.9.1 (KRaft)"
@@ -398,11 +399,12 @@ class LocalBroker:
 
     # -- for subclasses ----------------------------------------------------------------------------------
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 - an optional hook, a no-op unless a broker needs preparing
         """One-off, blocking preparation before a spawn (resolve binaries, write configs, format storage)."""
 
+    @abstractmethod
     def _command(self) -> list[str]:
-        raise NotImplementedError
+        """The broker's command line."""
 
     def _offsets_partitions(self) -> int:
         """Partitions of ``__consumer_offsets`` that readiness waits for (0: do not check the coordinator)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends import load_backend
+from pipeline.backends import Backend, load_backend
 from pipeline.chunking import Chunker
 from pipeline.settings import PACKAGED_MODEL, Settings
 
@@ -72,14 +72,10 @@ class Embedder:
         self._special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-query")
-        self._query_backend: Any = None
+        self._query_backend: Backend | None = None
         self._threads = threads
         self.batch_token_budget = settings.model.batch_token_budget
-        cfg = settings.model
-        self.backend, self.quality = load_backend(
-            cfg.backend, self.model, model_name=self.name, model_path=settings.model_path, threads=threads,
-            cache_dir=cfg.cache_dir, min_cosine=cfg.min_mean_cosine, force=cfg.force_backend,
-        )
+        self.backend, self.quality = self._load_backend(latency=False)
         self.backend_label: str = self.backend.label
         log.info("loaded model %s on %s (dim %d, max_seq_length %d, %d threads, mean cosine to fp32 %.4f)",
                  self.name, self.backend_label, self.dim, self.max_seq_length, threads, self.quality["mean_cosine"])
@@ -100,16 +96,19 @@ class Embedder:
     def encode_query_sync(self, texts: Sequence[str]) -> np.ndarray:
         """Like ``encode_sync``, on the query lane: the backend instance made for latency (made on first use)."""
         if self._query_backend is None:
-            cfg = self.settings.model
             # the export is cached and its quality already checked: this is a second compile, not a second export
-            self._query_backend, _ = load_backend(
-                cfg.backend, self.model, model_name=self.name, model_path=self.settings.model_path,
-                threads=self._threads, cache_dir=cfg.cache_dir, min_cosine=cfg.min_mean_cosine,
-                force=cfg.force_backend, latency=True,
-            )
+            self._query_backend, _ = self._load_backend(latency=True)
         return self._encode_with(self._query_backend, texts, None)
 
-    def _encode_with(self, backend: Any, texts: Sequence[str], lengths: Sequence[int] | None) -> np.ndarray:
+    def _load_backend(self, *, latency: bool) -> tuple[Backend, dict[str, Any]]:
+        cfg = self.settings.model
+        return load_backend(
+            cfg.backend, self.model, model_name=self.name, model_path=self.settings.model_path,
+            threads=self._threads, cache_dir=cfg.cache_dir, min_cosine=cfg.min_mean_cosine,
+            force=cfg.force_backend, latency=latency,
+        )
+
+    def _encode_with(self, backend: Backend, texts: Sequence[str], lengths: Sequence[int] | None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if lengths is None:
@@ -117,7 +116,7 @@ class Embedder:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         padded = [min(n + self._special, self.max_seq_length) for n in lengths]
         budget = self.batch_token_budget
-        streams = getattr(backend, "streams", 1)
+        streams = backend.streams
         if streams > 1 and len(texts) > 1:
             # a backend running one batch per stream (OpenVINO, one core each) would leave cores idle on a
             # small input that fits one batch: the trickle of a live topic, a re-ingest of a few edited
