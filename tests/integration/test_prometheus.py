@@ -118,6 +118,8 @@ def run(tools: tuple[str, str], apache_kafka, tmp_path_factory: pytest.TempPathF
         prom.wait_for("count(vectorstream_consumer_lag_messages)", lambda v: v >= 1, timeout=30)
         # lag is reported every 5 s: wait for the report after the last commit
         prom.wait_for("sum(vectorstream_consumer_lag_messages)", lambda v: v == 0, timeout=30)
+        # the lag alert's deriv() needs two scraped samples of the lag: the first may be the only one so far
+        prom.wait_for("count(deriv(vectorstream_consumer_lag_messages[10m]))", lambda v: v >= 1, timeout=60)
         prom.wait_for("sum(vectorstream_index_builds_total)", lambda v: v >= 1)
         if serves:
             prom.wait_for("sum(vectorstream_recall_samples_total)", lambda v: v >= 1)
