@@ -119,6 +119,11 @@ class StoreSettings(BaseModel):
     vectors_on_disk: bool = False
     #: keep the HNSW graph on disk (memory-mapped) instead of in RAM
     hnsw_on_disk: bool = False
+    #: the largest segment (KB of vectors) the optimizer builds by merging smaller ones. An index build
+    #: rebuilds the graph of the segment it merges into, and Qdrant Edge holds the worker's GIL while it
+    #: builds: the cap bounds that pause however large the store grows (200,000 KB is about 130,000 vectors
+    #: of 384 dimensions; see benchmarks/results/scale.md). More segments cost a little at query time.
+    max_segment_size_kb: int = Field(default=200_000, ge=1_000)
     #: Qdrant server only: shards of a new collection, spread over the cluster's nodes ...
     shard_number: int = Field(default=1, ge=1, le=1024)
     #: ... copies of every shard on different nodes ...

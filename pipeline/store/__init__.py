@@ -80,6 +80,7 @@ def layout_from_settings(settings: StoreSettings) -> VectorLayout:
         oversampling=settings.quantization_oversampling,
         vectors_on_disk=settings.vectors_on_disk,
         hnsw_on_disk=settings.hnsw_on_disk,
+        max_segment_size_kb=settings.max_segment_size_kb,
     )
 
 

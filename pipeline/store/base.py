@@ -129,12 +129,17 @@ class VectorLayout:
     ``quantization="int8"`` keeps a scalar-quantized copy of every vector (a quarter of the size) that the
     search walks, then rescores ``oversampling`` x ``limit`` candidates with the original vectors; with
     ``vectors_on_disk`` those originals are memory-mapped instead of held in RAM.
+
+    ``max_segment_size_kb`` caps how large (in KB of vectors) the optimizer lets one segment grow by merging.
+    Every index build rebuilds the graph of the segment it merges into, so without a cap each build covers
+    the whole store and takes longer as the store grows; with it a build never covers more than the cap.
     """
 
     quantization: str = "none"
     oversampling: float = 2.0
     vectors_on_disk: bool = False
     hnsw_on_disk: bool = False
+    max_segment_size_kb: int | None = None
 
     @property
     def quantized(self) -> bool:

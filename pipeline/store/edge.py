@@ -240,7 +240,7 @@ class EdgeStore(VectorStore):
                 memory=qe.Memory.Cold if layout.hnsw_on_disk else None,
             ),
             # Edge has no background optimizer: build_index() runs it, and it indexes every segment above this size
-            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=kb),
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=kb, max_segment_size=layout.max_segment_size_kb),
         )
 
     def _info_sync(self) -> StoreInfo:

@@ -262,6 +262,7 @@ class QdrantStore(VectorStore):
                     on_disk=layout.hnsw_on_disk or None,
                 ),
                 quantization_config=quantization,
+                optimizers_config=models.OptimizersConfigDiff(max_segment_size=layout.max_segment_size_kb),
                 **cluster,
             )
             existing = set()

@@ -405,6 +405,33 @@ async def test_edge_build_index_builds_hnsw(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_edge_segment_cap_bounds_what_an_index_build_merges(tmp_path: Path) -> None:
+    """Without a cap every build merges the new points into one ever larger segment (and rebuilds its graph);
+    with one, full segments are left alone and new ones start, and search still sees every point."""
+    rng = np.random.default_rng(9)
+    batches = [unit_vectors(rng, 300) for _ in range(4)]
+    segments: dict[int | None, list[int]] = {}
+    for cap in (None, 20):  # 20 KB holds 320 vectors of 16 float32 dimensions
+        store = EdgeStore(tmp_path / f"cap-{cap}", "chunks", hnsw=HNSW, layout=VectorLayout(max_segment_size_kb=cap))
+        await store.open(model=MODEL, dim=DIM)
+        try:
+            counts = []
+            for b, vectors in enumerate(batches):
+                await store.upsert_chunks([chunk("t", f"d{b}-{i}", 0, v) for i, v in enumerate(vectors)])
+                await store.build_index()
+                info = await store.open(model=MODEL, dim=DIM)
+                assert info.extra["indexed_vectors"] == info.chunk_count == 300 * (b + 1)
+                counts.append(info.extra["segments"])
+            segments[cap] = counts
+            for b, vectors in enumerate(batches):  # every batch is still found, each point as its own best hit
+                hits = await store.search(vectors[7], flt=None, limit=1)
+                assert hits[0].payload[DOC] == f"d{b}-7"
+        finally:
+            await store.close()
+    assert max(segments[None]) <= 2, segments
+    assert segments[20][-1] >= 4 and segments[20] == sorted(segments[20]), segments
+
+
 # --- filters ------------------------------------------------------------------------------------------------
 
 
