@@ -177,7 +177,8 @@ def run(scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True,
     from pipeline.settings import Settings
 
     machine = machine_info()
-    emb = Embedder(Settings(_env_file=None))
+    settings = Settings(_env_file=None)
+    emb = Embedder(settings)
     chunker = emb.chunker()
     texts = [c.text for d in load_corpus(400) for c in chunker.split(chunker.document_text(d.title, d.text))]
     say(f"embedding {len(texts)} real chunks and the queries as the base of the synthetic vectors")
@@ -220,11 +221,10 @@ def run(scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True,
     print(body)
     data = {"scales": list(scales), "rows": rows, "base_vectors": len(base), "noise_sigma": NOISE}
     if write:
-        cap = Settings(_env_file=None).store.max_segment_size_kb
         method = (
             f"Store layout: {layout} ({LAYOUTS[layout] or 'the default store settings'}); segments capped at "
-            f"{cap:,} KB of vectors (STORE__MAX_SEGMENT_SIZE_KB, the default), so an index build merges into a "
-            "segment of at most that size. "
+            f"{settings.store.max_segment_size_kb:,} KB of vectors (STORE__MAX_SEGMENT_SIZE_KB), so an index build "
+            "merges into a segment of at most that size. "
             "Store part in process, through the project's VectorStore port on Qdrant Edge: "
             f"batches of {BATCH} chunk points with full payloads (real scifact chunk text), the HNSW index "
             f"built every {INDEX_EVERY:,} points as the worker does. Vectors are precomputed: {len(base)} real chunk "
