@@ -116,10 +116,12 @@ class FaustDeadLetters:
             raise BrokerUnavailableError(f"dead letter not confirmed by the broker: {exc!r}") from exc
 
 
-def install_ingest_agent(app: faust.App, settings: Settings, service: IngestService,
-                         on_halt: Callable[[str], None] | None = None) -> Any:
-    documents = app.topic(settings.kafka.documents_topic, key_type=bytes, value_type=bytes,
-                          key_serializer="raw", value_serializer="raw")
+def install_ingest_agent(
+    app: faust.App, settings: Settings, service: IngestService, on_halt: Callable[[str], None] | None = None
+) -> Any:
+    documents = app.topic(
+        settings.kafka.documents_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
     cfg = settings.ingest
 
     async def ingest(stream: Any) -> None:
@@ -154,8 +156,9 @@ def install_ingest_agent(app: faust.App, settings: Settings, service: IngestServ
     async def build_index() -> None:
         # always build the ANN index: Qdrant Edge indexes only when asked
         try:
-            await service.maybe_build_index(idle_seconds=settings.store.index_idle_seconds,
-                                            max_unindexed=settings.store.index_max_unindexed_points)
+            await service.maybe_build_index(
+                idle_seconds=settings.store.index_idle_seconds, max_unindexed=settings.store.index_max_unindexed_points
+            )
         except Exception:  # noqa: BLE001 - the next tick tries again; ingest is unaffected
             log.exception("building the HNSW index failed; will retry")
 

@@ -36,8 +36,12 @@ async def ensure_topics(settings: Settings) -> None:
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(k.documents_topic, k.partitions, k.replication_factor),
-            NewTopic(k.dead_letter_topic, k.partitions, k.replication_factor,
-                     topic_configs={"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)}),
+            NewTopic(
+                k.dead_letter_topic,
+                k.partitions,
+                k.replication_factor,
+                topic_configs={"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)},
+            ),
             NewTopic(k.queries_topic, k.partitions, k.replication_factor),
             NewTopic(k.replies_topic, k.partitions, k.replication_factor),
         ]
@@ -51,8 +55,9 @@ async def ensure_topics(settings: Settings) -> None:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("faust", "mode", "aiokafka", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -79,8 +84,14 @@ def run_worker(settings: Settings | None = None) -> int:
     except ConfigurationError as exc:
         log.error("refusing to start: %s", exc)
         return 2
-    log.info("store %s ready: collection %r, model %s, dim %d, %d chunks", settings.store.backend,
-             settings.store.collection, info.model, info.dim, info.chunk_count)
+    log.info(
+        "store %s ready: collection %r, model %s, dim %d, %d chunks",
+        settings.store.backend,
+        settings.store.collection,
+        info.model,
+        info.dim,
+        info.chunk_count,
+    )
     loop.run_until_complete(ensure_topics(settings))
 
     m.BUILD_INFO.info({"version": __version__, "model": embedder.name, "store": settings.store.backend})
@@ -96,8 +107,7 @@ def run_worker(settings: Settings | None = None) -> int:
 
     on_stop: list[Callable[[], None]] = []
     if "ingest" in roles:
-        service = IngestService(settings, store, embedder,
-                                FaustDeadLetters(app, settings.kafka.dead_letter_topic))
+        service = IngestService(settings, store, embedder, FaustDeadLetters(app, settings.kafka.dead_letter_topic))
         install_ingest_agent(app, settings, service, on_halt=halt)
         on_stop.append(lambda: give_back_on_stop(app, service))
     if "query" in roles:
@@ -108,8 +118,10 @@ def run_worker(settings: Settings | None = None) -> int:
         embedder.warm_query_lane()  # queries embed on a lane of their own, never behind an ingest batch
         queries = QueryService(settings, store, embedder, FaustReplies(app))
         if queries.verifier.uses_dev_secret:
-            log.warning("query tokens are checked with the DEVELOPMENT secret: anyone can mint them; "
-                        "set VECTORSTREAM_QUERY__HS256_SECRET or VECTORSTREAM_QUERY__PUBLIC_KEY outside a laptop")
+            log.warning(
+                "query tokens are checked with the DEVELOPMENT secret: anyone can mint them; "
+                "set VECTORSTREAM_QUERY__HS256_SECRET or VECTORSTREAM_QUERY__PUBLIC_KEY outside a laptop"
+            )
         install_query_agent(app, queries, settings.kafka.queries_topic)
     if health is not None:
         health.ready = True

@@ -17,34 +17,34 @@ SUITE = ("embedding_backends", "ingest_throughput", "retrieval_quality", "reinge
 #: what was tried for a target, shown next to it when it is missed
 TRIED = {
     "e2e_vs_plain": "every backend measured on this CPU (embedding_backends.md), token-budget batches sorted by "
-                    "length, threads = cores. Without VNNI or AMX, int8 kernels are slower than fp32 and the "
-                    "fastest backend is only about 1.1x PyTorch, so embedding itself cannot get 3x cheaper here; "
-                    "on a CPU with AVX-512 VNNI this pipeline measured 3.74x "
-                    "(results/archive/2026-11-25-avx512-vnni).",
+    "length, threads = cores. Without VNNI or AMX, int8 kernels are slower than fp32 and the "
+    "fastest backend is only about 1.1x PyTorch, so embedding itself cannot get 3x cheaper here; "
+    "on a CPU with AVX-512 VNNI this pipeline measured 3.74x "
+    "(results/archive/2026-11-25-avx512-vnni).",
     "e2e_vs_embedder": "the worker embeds in a thread while the event loop decodes and writes; the broker, the "
-                       "decode, chunking and the upserts share the same two cores with the model.",
+    "decode, chunking and the upserts share the same two cores with the model.",
     "mean_cosine": "int8 variants are checked by the quality guard; a lower one is refused unless forced.",
     "ndcg": "see mean cosine.",
     "reingest": "unchanged chunks reuse stored vectors; every document is still decoded, chunked, looked up and "
-                "rewritten, which is a fixed cost per document.",
+    "rewritten, which is a fixed cost per document.",
     "query_p99": "the worker's own part (its p50/p99 columns in query_latency.md) is mostly embedding the "
-                 "question on this CPU: the filtered HNSW search alone takes a few ms (the recall table). Tried: "
-                 "questions embed on a lane of their own (OpenVINO latency hint, one stream over every core), never "
-                 "behind an ingest batch, and concurrent ones in micro-batches. The tail also moves with the load "
-                 "of this shared machine (load averages in query_latency.md).",
+    "question on this CPU: the filtered HNSW search alone takes a few ms (the recall table). Tried: "
+    "questions embed on a lane of their own (OpenVINO latency hint, one stream over every core), never "
+    "behind an ingest batch, and concurrent ones in micro-batches. The tail also moves with the load "
+    "of this shared machine (load averages in query_latency.md).",
     "scale_1m": "the 1M row is added by `--scale-1m` (about 25 minutes on two cores: a million points written "
-                "with the worker's index builds every 20k); this run of the suite did not include it.",
+    "with the worker's index builds every 20k); this run of the suite did not include it.",
     "scale": "the store runs the million-chunk layout (int8 copies searched and rescored, originals and graph on "
-             "disk) with segments capped (STORE__MAX_SEGMENT_SIZE_KB) so that index builds stay bounded (longest "
-             "build in scale.md; without the cap each build rebuilt the whole store and grew with it). Ingest "
-             "holds at every size: embedding is the cost. The filtered query grows with the store: each of 10 "
-             "tenants holds a tenth of it (100k chunks each at 1M), the walk runs once per segment (see the "
-             "segments column), and the originals it rescores are read from disk. "
-             "Measured on a second 1M store built the same way (p99 64 ms in its own run): the same 500 queries "
-             "without exact searches in between gave p99 40 ms on the first pass and 22 ms on the second (pages "
-             "warm; ef 32 21 ms), so the tail is mostly the rescoring's reads of on-disk originals that the "
-             "benchmark's exact-search checks push out of the page cache. Not yet tried: fewer, larger segments "
-             "at 1M (a merge run was stopped for lack of session time).",
+    "disk) with segments capped (STORE__MAX_SEGMENT_SIZE_KB) so that index builds stay bounded (longest "
+    "build in scale.md; without the cap each build rebuilt the whole store and grew with it). Ingest "
+    "holds at every size: embedding is the cost. The filtered query grows with the store: each of 10 "
+    "tenants holds a tenth of it (100k chunks each at 1M), the walk runs once per segment (see the "
+    "segments column), and the originals it rescores are read from disk. "
+    "Measured on a second 1M store built the same way (p99 64 ms in its own run): the same 500 queries "
+    "without exact searches in between gave p99 40 ms on the first pass and 22 ms on the second (pages "
+    "warm; ef 32 21 ms), so the tail is mostly the rescoring's reads of on-disk originals that the "
+    "benchmark's exact-search checks push out of the page cache. Not yet tried: fewer, larger segments "
+    "at 1M (a merge run was stopped for lack of session time).",
 }
 
 
@@ -66,43 +66,98 @@ def summary_rows() -> list[list[str]]:
         r = ingest["ratios"]
         rates = {m["name"]: m["chunks_per_second"] for m in ingest["measurements"]}
         plain, alone, e2e = list(rates.values())
-        rows.append(_row("end-to-end ingest vs plain SentenceTransformer.encode loop",
-                         f"{r['e2e_vs_plain']:.2f}x ({e2e:.1f} vs {plain:.1f} chunks/s)", ">= 3x",
-                         r["e2e_vs_plain"] >= 3, "ingest_throughput.md", "e2e_vs_plain"))
-        rows.append(_row("end-to-end ingest vs the chosen backend alone",
-                         f"{r['e2e_vs_embedder']:.2f}x ({e2e:.1f} vs {alone:.1f} chunks/s)", ">= 0.9x",
-                         r["e2e_vs_embedder"] >= 0.9, "ingest_throughput.md", "e2e_vs_embedder"))
+        rows.append(
+            _row(
+                "end-to-end ingest vs plain SentenceTransformer.encode loop",
+                f"{r['e2e_vs_plain']:.2f}x ({e2e:.1f} vs {plain:.1f} chunks/s)",
+                ">= 3x",
+                r["e2e_vs_plain"] >= 3,
+                "ingest_throughput.md",
+                "e2e_vs_plain",
+            )
+        )
+        rows.append(
+            _row(
+                "end-to-end ingest vs the chosen backend alone",
+                f"{r['e2e_vs_embedder']:.2f}x ({e2e:.1f} vs {alone:.1f} chunks/s)",
+                ">= 0.9x",
+                r["e2e_vs_embedder"] >= 0.9,
+                "ingest_throughput.md",
+                "e2e_vs_embedder",
+            )
+        )
         hwm = ingest["end_to_end"]["worker_peak_rss_bytes"]
-        rows.append(_row("worker memory (peak RSS during the ingest run)", f"{hwm / 2**20:,.0f} MiB", "reported",
-                         None, "ingest_throughput.md"))
+        rows.append(
+            _row(
+                "worker memory (peak RSS during the ingest run)",
+                f"{hwm / 2**20:,.0f} MiB",
+                "reported",
+                None,
+                "ingest_throughput.md",
+            )
+        )
     quality = _load("retrieval_quality")
     if quality:
         ip = quality["in_process"]
         ours, ref = ip[quality["backend"]], ip[quality["reference"]]
-        rows.append(_row("quality: mean cosine of the chosen backend vs fp32", f"{ip['mean_cosine']:.4f}",
-                         ">= 0.99", ip["mean_cosine"] >= 0.99, "retrieval_quality.md", "mean_cosine"))
+        rows.append(
+            _row(
+                "quality: mean cosine of the chosen backend vs fp32",
+                f"{ip['mean_cosine']:.4f}",
+                ">= 0.99",
+                ip["mean_cosine"] >= 0.99,
+                "retrieval_quality.md",
+                "mean_cosine",
+            )
+        )
         d = ours["ndcg@10"] - ref["ndcg@10"]
-        rows.append(_row("quality: nDCG@10 of the chosen backend vs fp32 (scifact)",
-                         f"{ours['ndcg@10']:.4f} vs {ref['ndcg@10']:.4f} ({d:+.4f})", "within 0.01",
-                         abs(d) <= 0.01, "retrieval_quality.md", "ndcg"))
+        rows.append(
+            _row(
+                "quality: nDCG@10 of the chosen backend vs fp32 (scifact)",
+                f"{ours['ndcg@10']:.4f} vs {ref['ndcg@10']:.4f} ({d:+.4f})",
+                "within 0.01",
+                abs(d) <= 0.01,
+                "retrieval_quality.md",
+                "ndcg",
+            )
+        )
         full = quality.get("end_to_end")
         if full:
             pub = quality["published"]
-            rows.append(_row("retrieval end to end (Kafka -> Qdrant -> query topic): nDCG@10, Recall@10",
-                             f"{full['ndcg@10']:.4f}, {full['recall@10']:.4f}",
-                             f"published {pub['ndcg@10']:.4f}, {pub['recall@10']:.4f}", None,
-                             "retrieval_quality.md"))
+            rows.append(
+                _row(
+                    "retrieval end to end (Kafka -> Qdrant -> query topic): nDCG@10, Recall@10",
+                    f"{full['ndcg@10']:.4f}, {full['recall@10']:.4f}",
+                    f"published {pub['ndcg@10']:.4f}, {pub['recall@10']:.4f}",
+                    None,
+                    "retrieval_quality.md",
+                )
+            )
     re = _load("reingest")
     if re:
-        rows.append(_row("re-ingest with 5% of chunks changed vs full re-ingest", f"{re['ratio']:.1%}", "<= 10%",
-                         re["ratio"] <= 0.10, "reingest.md", "reingest"))
+        rows.append(
+            _row(
+                "re-ingest with 5% of chunks changed vs full re-ingest",
+                f"{re['ratio']:.1%}",
+                "<= 10%",
+                re["ratio"] <= 0.10,
+                "reingest.md",
+                "reingest",
+            )
+        )
     latency = _load("query_latency")
     if latency:
         p99 = _query_p99(latency)
-        rows.append(_row("query p99 through the query topic, one request in flight (all levels: worst)",
-                         f"{p99[0]:.1f} ms (worst {p99[1]:.1f} ms)" if p99 else "see file",
-                         "<= 50 ms", None if p99 is None else p99[0] <= 50, "query_latency.md (another benchmark)",
-                         "query_p99"))
+        rows.append(
+            _row(
+                "query p99 through the query topic, one request in flight (all levels: worst)",
+                f"{p99[0]:.1f} ms (worst {p99[1]:.1f} ms)" if p99 else "see file",
+                "<= 50 ms",
+                None if p99 is None else p99[0] <= 50,
+                "query_latency.md (another benchmark)",
+                "query_p99",
+            )
+        )
     scale = _load("scale")
     if scale:
         base = scale["rows"][0]
@@ -111,12 +166,27 @@ def summary_rows() -> list[list[str]]:
             rate = r[key] / base[key]
             p99 = r["query_p99_ms"] / base["query_p99_ms"]
             what = "end-to-end ingest rate" if key.startswith("e2e") else "store-part ingest rate"
-            rows.append(_row(f"scale {r['chunks']:,} chunks: {what} and query p99 vs 10k",
-                             f"rate {rate:.2f}x, p99 {p99:.2f}x ({r['query_p99_ms']:.2f} ms)",
-                             "rate >= 0.75x, p99 <= 1.25x", rate >= 0.75 and p99 <= 1.25, "scale.md", "scale"))
+            rows.append(
+                _row(
+                    f"scale {r['chunks']:,} chunks: {what} and query p99 vs 10k",
+                    f"rate {rate:.2f}x, p99 {p99:.2f}x ({r['query_p99_ms']:.2f} ms)",
+                    "rate >= 0.75x, p99 <= 1.25x",
+                    rate >= 0.75 and p99 <= 1.25,
+                    "scale.md",
+                    "scale",
+                )
+            )
         if not any(r["chunks"] >= 1_000_000 for r in scale["rows"]):
-            rows.append(_row("scale 1,000,000 chunks", "not measured in this run", "within 25% of 10k", False,
-                             "python -m benchmarks --only scale --scale-1m", "scale_1m"))
+            rows.append(
+                _row(
+                    "scale 1,000,000 chunks",
+                    "not measured in this run",
+                    "within 25% of 10k",
+                    False,
+                    "python -m benchmarks --only scale --scale-1m",
+                    "scale_1m",
+                )
+            )
     return rows
 
 
@@ -173,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     body = table(["target", "measured", "target", "met", "details", "when missed: what was tried"], rows)
     print(body)
     sections = [("Targets of issue 5", body), ("Where each figure comes from", sources_table(timings))]
-    path = write_results("SUMMARY", title="Benchmark summary: every target, measured", sections=sections,
-                         data={"rows": rows, "timings": timings}, machine=machine_info())
+    path = write_results(
+        "SUMMARY",
+        title="Benchmark summary: every target, measured",
+        sections=sections,
+        data={"rows": rows, "timings": timings},
+        machine=machine_info(),
+    )
     say(f"wrote {path}")
     return 0
 

@@ -81,8 +81,12 @@ def machine_info() -> dict[str, Any]:
     import subprocess
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=False).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         commit = "unknown"
     return {
@@ -161,7 +165,7 @@ def load_qrels() -> dict[str, dict[str, int]]:
 
 def batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 # --- output -----------------------------------------------------------------------------------------------
@@ -171,8 +175,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (also readable as plain text on a terminal)."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     for r in cells:
         lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     return "\n".join(lines)
@@ -190,8 +196,14 @@ def machine_table(info: dict[str, Any]) -> str:
     return table(["machine", ""], [[k, v] for k, v in info.items()])
 
 
-def write_results(name: str, *, title: str, sections: Sequence[tuple[str, str]], data: dict[str, Any],
-                  machine: dict[str, Any] | None = None) -> Path:
+def write_results(
+    name: str,
+    *,
+    title: str,
+    sections: Sequence[tuple[str, str]],
+    data: dict[str, Any],
+    machine: dict[str, Any] | None = None,
+) -> Path:
     """Write results/<name>.md (``sections``: heading and Markdown body) and results/<name>.json (``data``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = machine or machine_info()

@@ -85,15 +85,22 @@ def dashboard_panels(path: Path = DASHBOARD) -> list[Panel]:
         )
         if targets:
             defaults = p.get("fieldConfig", {}).get("defaults", {})
-            out.append(Panel(p["title"], p["type"], defaults.get("unit", "short"), p["gridPos"], targets,
-                             defaults.get("decimals")))
+            out.append(
+                Panel(
+                    p["title"],
+                    p["type"],
+                    defaults.get("unit", "short"),
+                    p["gridPos"],
+                    targets,
+                    defaults.get("decimals"),
+                )
+            )
     return out
 
 
 def grafana_expr(expr: str, *, rate_interval: str) -> str:
     """An expression as Grafana sends it with every instance selected."""
-    return (expr.replace("$__rate_interval", rate_interval).replace("${instance}", ".*")
-            .replace("$instance", ".*"))
+    return expr.replace("$__rate_interval", rate_interval).replace("${instance}", ".*").replace("$instance", ".*")
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,7 @@ def with_bool_comparisons(expr: str) -> str:
             depth -= 1
         elif depth == 0 and (m := _COMPARISON.match(expr, i)):
             op = m.group(0)
-            rest = expr[i + len(op):]
+            rest = expr[i + len(op) :]
             out.append(op)
             i += len(op)
             if not re.match(r"\s*bool\b", rest):
@@ -197,8 +204,9 @@ def scrape_config(targets: Mapping[str, Sequence[str]], *, self_port: int, inter
 class Prometheus:
     """A Prometheus server on a free localhost port with a generated config, and its HTTP API."""
 
-    def __init__(self, binary: str, workdir: Path, targets: Mapping[str, Sequence[str]], *,
-                 interval: str = "1s") -> None:
+    def __init__(
+        self, binary: str, workdir: Path, targets: Mapping[str, Sequence[str]], *, interval: str = "1s"
+    ) -> None:
         import yaml
 
         self.port = free_port()
@@ -213,10 +221,17 @@ class Prometheus:
     def start(self, timeout: float = 30) -> Prometheus:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
-                 "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                [
+                    self.binary,
+                    f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--storage.tsdb.retention.time=1d",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -331,8 +346,16 @@ BAD_RECORDS: list[tuple[bytes | None, bytes | None]] = [
 def upsert(tenant: str, doc: Text, version: int = 1) -> Any:
     from schemas.events import DocumentUpsert
 
-    return DocumentUpsert(type="upsert", tenant_id=tenant, doc_id=doc.id, version=version, title=doc.title[:500],
-                          text=doc.text or doc.title, metadata={"source": "scifact"}, access={"public": True})
+    return DocumentUpsert(
+        type="upsert",
+        tenant_id=tenant,
+        doc_id=doc.id,
+        version=version,
+        title=doc.title[:500],
+        text=doc.text or doc.title,
+        metadata={"source": "scifact"},
+        access={"public": True},
+    )
 
 
 def delete(tenant: str, doc: Text, version: int) -> Any:
@@ -357,8 +380,13 @@ class QueryTraffic:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
-        self._consumer = AIOKafkaConsumer(self.reply_topic, bootstrap_servers=self.bootstrap, group_id=None,
-                                          auto_offset_reset="earliest", enable_auto_commit=False)
+        self._consumer = AIOKafkaConsumer(
+            self.reply_topic,
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         await self._producer.start()
         await self._consumer.start()
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -381,20 +409,28 @@ class QueryTraffic:
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def ask(self, text: str, *, top_k: int = 10, token: str | None = None, wait: float = 30,
-                  exact: bool = False) -> Any:
+    async def ask(
+        self, text: str, *, top_k: int = 10, token: str | None = None, wait: float = 30, exact: bool = False
+    ) -> Any:
         """Send one request; returns its reply, or None when none came within ``wait`` seconds."""
         from schemas.queries import QueryRequest
 
         request = QueryRequest(
-            request_id=uuid.uuid4().hex, tenant_id=self.tenant, token=self.token if token is None else token,
-            query=text[:1000], top_k=top_k, reply_topic=self.reply_topic, with_text=False,
-            search={"exact": True} if exact else None, deadline_ms=int((time.time() + wait) * 1000),
+            request_id=uuid.uuid4().hex,
+            tenant_id=self.tenant,
+            token=self.token if token is None else token,
+            query=text[:1000],
+            top_k=top_k,
+            reply_topic=self.reply_topic,
+            with_text=False,
+            search={"exact": True} if exact else None,
+            deadline_ms=int((time.time() + wait) * 1000),
         )
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request.request_id] = future
-        await self._producer.send_and_wait(self.queries_topic, request.model_dump_json().encode(),
-                                           key=request.request_id.encode())
+        await self._producer.send_and_wait(
+            self.queries_topic, request.model_dump_json().encode(), key=request.request_id.encode()
+        )
         try:
             return await asyncio.wait_for(future, wait)
         except TimeoutError:
@@ -413,8 +449,12 @@ class Topics:
     @classmethod
     def unique(cls, prefix: str) -> Topics:
         salt = uuid.uuid4().hex[:8]
-        return cls(f"{prefix}.{salt}.documents", f"{prefix}.{salt}.documents.dlq", f"{prefix}.{salt}.queries",
-                   f"{prefix}.{salt}.replies")
+        return cls(
+            f"{prefix}.{salt}.documents",
+            f"{prefix}.{salt}.documents.dlq",
+            f"{prefix}.{salt}.queries",
+            f"{prefix}.{salt}.replies",
+        )
 
     def env(self) -> dict[str, str]:
         return {
@@ -427,8 +467,15 @@ class Topics:
     async def create(self, bootstrap: str, partitions: int) -> None:
         from pipeline.broker import create_topics
 
-        await create_topics(bootstrap, {self.documents: partitions, self.dead_letters: partitions,
-                                        self.queries: partitions, self.replies: partitions})
+        await create_topics(
+            bootstrap,
+            {
+                self.documents: partitions,
+                self.dead_letters: partitions,
+                self.queries: partitions,
+                self.replies: partitions,
+            },
+        )
 
 
 def dev_token(tenant: str) -> str:
@@ -463,8 +510,17 @@ def _fmt(value: float, unit: str, decimals: int | None = None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 or value == int(value) else f"{value:.2f}"
 
 
-def render(prom: Prometheus, panels: Sequence[Panel], *, start: float, end: float, step: float, rate_interval: str,
-           out: Path, subtitle: str) -> list[tuple[str, str, str]]:
+def render(
+    prom: Prometheus,
+    panels: Sequence[Panel],
+    *,
+    start: float,
+    end: float,
+    step: float,
+    rate_interval: str,
+    out: Path,
+    subtitle: str,
+) -> list[tuple[str, str, str]]:
     """Plot every panel over [start, end] on Grafana's 24-column grid; returns (panel, series, last value) rows."""
     import matplotlib
 
@@ -483,7 +539,7 @@ def render(prom: Prometheus, panels: Sequence[Panel], *, start: float, end: floa
     rows: list[tuple[str, str, str]] = []
     for panel in panels:
         r0, c0 = offsets[panel.grid["y"]], panel.grid["x"] // 4
-        ax = fig.add_subplot(grid[r0:r0 + panel.grid["h"] // 4, c0:c0 + panel.grid["w"] // 4])
+        ax = fig.add_subplot(grid[r0 : r0 + panel.grid["h"] // 4, c0 : c0 + panel.grid["w"] // 4])
         ax.set_title(panel.title, fontsize=11, loc="left", fontweight="bold")
         if panel.kind == "table":
             lines = []
@@ -492,8 +548,16 @@ def render(prom: Prometheus, panels: Sequence[Panel], *, start: float, end: floa
                     labels = {k: v for k, v in series["metric"].items() if k != "__name__"}
                     lines.append("  ".join(f"{k}={v}" for k, v in sorted(labels.items())))
             ax.axis("off")
-            ax.text(0, 0.9, "\n".join(lines) or "no data", va="top", fontsize=9, family="monospace",
-                    transform=ax.transAxes, wrap=True)
+            ax.text(
+                0,
+                0.9,
+                "\n".join(lines) or "no data",
+                va="top",
+                fontsize=9,
+                family="monospace",
+                transform=ax.transAxes,
+                wrap=True,
+            )
             rows.append((panel.title, "labels", "; ".join(lines)))
             continue
         last_values = []
@@ -529,8 +593,9 @@ def render(prom: Prometheus, panels: Sequence[Panel], *, start: float, end: floa
             ax.legend(fontsize=7, loc="upper left", ncol=2 if len(ax.lines) > 4 else 1, framealpha=0.6)
         else:
             ax.text(0.5, 0.5, "all zero", transform=ax.transAxes, ha="center", va="center", color="grey")
-    fig.suptitle(f"vectorstream dashboard (deploy/grafana/dashboards/vectorstream.json)\n{subtitle}",
-                 fontsize=14, y=0.995)
+    fig.suptitle(
+        f"vectorstream dashboard (deploy/grafana/dashboards/vectorstream.json)\n{subtitle}", fontsize=14, y=0.995
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=70, bbox_inches="tight")
     plt.close(fig)
@@ -561,9 +626,10 @@ async def _run_workload(args: argparse.Namespace, bootstrap: str, topics: Topics
     questions = [q.text for q in scifact("queries")]
     rng = random.Random(11)
     served = 0
-    async with DocumentPublisher(bootstrap, topics.documents) as publisher, QueryTraffic(
-        bootstrap, topics.queries, topics.replies, tenant, dev_token(tenant)
-    ) as traffic:
+    async with (
+        DocumentPublisher(bootstrap, topics.documents) as publisher,
+        QueryTraffic(bootstrap, topics.queries, topics.replies, tenant, dev_token(tenant)) as traffic,
+    ):
         # 1. a first tenth, then probe whether this worker answers queries at all
         first = corpus[: len(corpus) // 10]
         await publisher.publish_many(upsert(tenant, d) for d in first)
@@ -576,21 +642,22 @@ async def _run_workload(args: argparse.Namespace, bootstrap: str, topics: Topics
             nonlocal served
             while serves_queries and not until.is_set():
                 bad = rng.random() < 0.03
-                reply = await traffic.ask(rng.choice(questions), token="not-a-token" if bad else None,
-                                          top_k=rng.choice((5, 10, 20)), wait=10)
+                reply = await traffic.ask(
+                    rng.choice(questions), token="not-a-token" if bad else None, top_k=rng.choice((5, 10, 20)), wait=10
+                )
                 served += reply is not None
                 await asyncio.sleep(rng.expovariate(args.qps))
 
         stop = asyncio.Event()
         querying = asyncio.create_task(queries(stop))
         # 2. a steady stream of documents with a burst in the middle, a few bad records along the way
-        rest = corpus[len(first):]
+        rest = corpus[len(first) :]
         burst_at = len(rest) // 2
         i = 0
         while i < len(rest):
             if i == burst_at:
                 say(f"burst of {args.burst} documents")
-                await publisher.publish_many(upsert(tenant, d) for d in rest[i:i + args.burst])
+                await publisher.publish_many(upsert(tenant, d) for d in rest[i : i + args.burst])
                 i += args.burst
                 continue
             await publisher.publish(upsert(tenant, rest[i]))
@@ -599,8 +666,10 @@ async def _run_workload(args: argparse.Namespace, bootstrap: str, topics: Topics
             i += 1
             if i % 100 == 0:
                 await publisher.flush()
-                say(f"published {len(first) + i}/{len(corpus)} documents, {served} queries answered, "
-                    f"{prom.value('sum(vectorstream_events_total)'):.0f} events processed")
+                say(
+                    f"published {len(first) + i}/{len(corpus)} documents, {served} queries answered, "
+                    f"{prom.value('sum(vectorstream_events_total)'):.0f} events processed"
+                )
             await asyncio.sleep(1 / args.rate)
         # 3. producers re-sending unchanged documents (their chunks reuse stored vectors), then deletes
         again = rng.sample(corpus, min(len(corpus), args.docs // 5))
@@ -647,19 +716,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             topics = Topics.unique("dashboard")
             asyncio.run(topics.create(bootstrap, 4))
             env = {
-                **os.environ, "PYTHONPATH": str(ROOT), **topics.env(),
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                **topics.env(),
                 "VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
                 "VECTORSTREAM_KAFKA__GROUP_ID": f"dashboard-{uuid.uuid4().hex[:8]}",
                 "VECTORSTREAM_STORE__PATH": str(work / "qdrant-edge"),
-                "VECTORSTREAM_METRICS__PORT": str(metrics_port), "VECTORSTREAM_METRICS__HOST": "127.0.0.1",
+                "VECTORSTREAM_METRICS__PORT": str(metrics_port),
+                "VECTORSTREAM_METRICS__HOST": "127.0.0.1",
                 "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": str(args.recall_sample_rate),
                 "APP_DATADIR": str(work / "faust"),  # faust's table folder, else <group>-data in the repo
             }
             with Prometheus(tools[0], work, {"vectorstream-ingest": [f"127.0.0.1:{metrics_port}"]}) as prom:
                 log = work / "worker.log"
                 with open(log, "ab") as fh:
-                    worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env, cwd=ROOT,
-                                              stdout=fh, stderr=subprocess.STDOUT)
+                    worker = subprocess.Popen(
+                        [sys.executable, "-m", "pipeline.cli", "worker"],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                    )
                 _wait_http(f"http://127.0.0.1:{metrics_port}/readyz", worker, log, 180)
                 start = time.time()
                 say(f"worker ready, Prometheus on {prom.url}; ingesting {args.docs} scifact abstracts")
@@ -670,10 +747,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"run took {end - start:.0f}s, {served} queries answered; plotting")
                 info = machine_info()
                 machine = f"{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, commit {info['commit']}"
-                subtitle = (f"{args.docs} scifact abstracts + {args.docs // 5} unchanged re-sends, {served} queries, "
-                            f"{args.broker} Kafka, Qdrant Edge — {time.strftime('%Y-%m-%d')}, {machine}")
-                rows = render(prom, dashboard_panels(), start=start, end=end, step=max(1.0, (end - start) / 300),
-                              rate_interval=args.rate_interval, out=args.out, subtitle=subtitle)
+                subtitle = (
+                    f"{args.docs} scifact abstracts + {args.docs // 5} unchanged re-sends, {served} queries, "
+                    f"{args.broker} Kafka, Qdrant Edge — {time.strftime('%Y-%m-%d')}, {machine}"
+                )
+                rows = render(
+                    prom,
+                    dashboard_panels(),
+                    start=start,
+                    end=end,
+                    step=max(1.0, (end - start) / 300),
+                    rate_interval=args.rate_interval,
+                    out=args.out,
+                    subtitle=subtitle,
+                )
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()

@@ -32,8 +32,9 @@ def run(docs_n: int = DEFAULT_DOCS, backends: tuple[str, ...] | None = None, wri
     texts: list[str] = []
     lengths: list[int] = []
     for name in ("torch", *[n for n in names if n != "torch"]):
-        settings = base.model_copy(update={"model": base.model.model_copy(update={"backend": name,
-                                                                                   "force_backend": True})})
+        settings = base.model_copy(
+            update={"model": base.model.model_copy(update={"backend": name, "force_backend": True})}
+        )
         say(f"backend {name}: loading (exports on first use)")
         started = time.perf_counter()
         try:
@@ -71,19 +72,43 @@ def run(docs_n: int = DEFAULT_DOCS, backends: tuple[str, ...] | None = None, wri
     torch_rate = next(r["chunks_per_second"] for r in rows if r["backend"] == "torch")
     threshold = base.model.min_mean_cosine
     body = table(
-        ["backend", "chunks/s", "vs torch", "mean cosine (scifact)", "min cosine", "guard (calibration)",
-         "passes guard", "first load s"],
-        [[r.get("label", r["backend"]), round(r["chunks_per_second"], 1), f"{r['chunks_per_second'] / torch_rate:.2f}x",
-          round(r["mean_cosine"], 4), round(r["min_cosine"], 4), round(r["guard_mean_cosine"], 4),
-          "yes" if r["guard_mean_cosine"] >= threshold else "no", round(r["load_seconds"], 1)]
-         if "error" not in r else [r["backend"], "-", "-", "-", "-", "-", r["error"], "-"] for r in rows],
+        [
+            "backend",
+            "chunks/s",
+            "vs torch",
+            "mean cosine (scifact)",
+            "min cosine",
+            "guard (calibration)",
+            "passes guard",
+            "first load s",
+        ],
+        [
+            [
+                r.get("label", r["backend"]),
+                round(r["chunks_per_second"], 1),
+                f"{r['chunks_per_second'] / torch_rate:.2f}x",
+                round(r["mean_cosine"], 4),
+                round(r["min_cosine"], 4),
+                round(r["guard_mean_cosine"], 4),
+                "yes" if r["guard_mean_cosine"] >= threshold else "no",
+                round(r["load_seconds"], 1),
+            ]
+            if "error" not in r
+            else [r["backend"], "-", "-", "-", "-", "-", r["error"], "-"]
+            for r in rows
+        ],
     )
     ok = [r for r in rows if "error" not in r and r["guard_mean_cosine"] >= threshold]
     best = max(ok, key=lambda r: r["chunks_per_second"])
     print(body)
     print(f"\nfastest backend passing the guard (mean cosine >= {threshold}): {best['backend']}")
-    data = {"docs": len(docs), "chunks": len(texts), "rows": rows, "fastest_passing": best["backend"],
-            "default_backend": base.model.backend}
+    data = {
+        "docs": len(docs),
+        "chunks": len(texts),
+        "rows": rows,
+        "fastest_passing": best["backend"],
+        "default_backend": base.model.backend,
+    }
     if write:
         method = (
             f"{len(docs)} scifact abstracts -> {len(texts)} chunks ({sum(lengths) / max(1, len(lengths)):.0f} tokens "
@@ -97,11 +122,14 @@ def run(docs_n: int = DEFAULT_DOCS, backends: tuple[str, ...] | None = None, wri
         default = base.model.backend
         if default == "auto":
             default = f"auto, which is {auto_backend()} on this CPU ({cpu_isa()})"
-        summary = (f"Fastest backend that passes the guard: **{best['backend']}**. "
-                   f"Default in settings: **{default}**.")
-        path = write_results("embedding_backends", title="Embedding backends side by side",
-                             sections=[("Results", body), ("Choice", summary), ("Method", method)],
-                             data=data, machine=machine)
+        summary = f"Fastest backend that passes the guard: **{best['backend']}**. Default in settings: **{default}**."
+        path = write_results(
+            "embedding_backends",
+            title="Embedding backends side by side",
+            sections=[("Results", body), ("Choice", summary), ("Method", method)],
+            data=data,
+            machine=machine,
+        )
         say(f"wrote {path}")
     return data
 

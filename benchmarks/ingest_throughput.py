@@ -29,8 +29,11 @@ from benchmarks.common import (
 )
 
 #: the worker's own account of where the time went (histogram sums and counts)
-_BREAKDOWN = ("vectorstream_embedding_batch_duration_seconds_sum", "vectorstream_upsert_duration_seconds_sum",
-              "vectorstream_ingest_batch_events_count")
+_BREAKDOWN = (
+    "vectorstream_embedding_batch_duration_seconds_sum",
+    "vectorstream_upsert_duration_seconds_sum",
+    "vectorstream_ingest_batch_events_count",
+)
 #: a plain loop encodes this many texts per call, as a naive consumer would per poll
 PLAIN_BATCH = 32
 DEFAULT_DOCS = 800
@@ -65,8 +68,9 @@ def measure_embedder(embedder: Any, texts: list[str], lengths: list[int]) -> Mea
     started = time.perf_counter()
     embedder.encode_sync(texts, lengths)
     seconds = time.perf_counter() - started
-    return Measured(f"Embedder.encode_sync ({embedder.backend_label})", len(texts), seconds,
-                    "token-budget batches sorted by length")
+    return Measured(
+        f"Embedder.encode_sync ({embedder.backend_label})", len(texts), seconds, "token-budget batches sorted by length"
+    )
 
 
 def measure_plain_loop(model_path: str, texts: list[str]) -> Measured:
@@ -80,8 +84,12 @@ def measure_plain_loop(model_path: str, texts: list[str]) -> Measured:
         model.encode(list(batch), batch_size=PLAIN_BATCH, normalize_embeddings=True, show_progress_bar=False)
     seconds = time.perf_counter() - started
     del model
-    return Measured("plain SentenceTransformer.encode loop (torch)", len(texts), seconds,
-                    f"encode() per {PLAIN_BATCH} texts in arrival order, default threads")
+    return Measured(
+        "plain SentenceTransformer.encode loop (torch)",
+        len(texts),
+        seconds,
+        f"encode() per {PLAIN_BATCH} texts in arrival order, default threads",
+    )
 
 
 async def _publish(bootstrap: str, topic: str, docs: list[Doc], tenant: str) -> None:
@@ -89,8 +97,15 @@ async def _publish(bootstrap: str, topic: str, docs: list[Doc], tenant: str) -> 
     from schemas.events import AccessControl, DocumentUpsert
 
     events = [
-        DocumentUpsert(type="upsert", tenant_id=tenant, doc_id=d.id, version=1, title=d.title[:1000], text=d.text,
-                       access=AccessControl(public=True))
+        DocumentUpsert(
+            type="upsert",
+            tenant_id=tenant,
+            doc_id=d.id,
+            version=1,
+            title=d.title[:1000],
+            text=d.text,
+            access=AccessControl(public=True),
+        )
         for d in docs
     ]
     async with DocumentPublisher(bootstrap, topic) as pub:
@@ -121,9 +136,16 @@ def chunks_embedded(worker: Any) -> float:
     return (worker.metrics() or {}).get("vectorstream_chunks_embedded_total", 0.0)
 
 
-def measure_end_to_end(bootstrap: str, docs: list[Doc], scratch: Path, expected_chunks: int,
-                       extra_env: dict[str, str] | None = None, *, tenant: str = "bench",
-                       store_path: Path | None = None) -> tuple[Measured, dict[str, Any]]:
+def measure_end_to_end(
+    bootstrap: str,
+    docs: list[Doc],
+    scratch: Path,
+    expected_chunks: int,
+    extra_env: dict[str, str] | None = None,
+    *,
+    tenant: str = "bench",
+    store_path: Path | None = None,
+) -> tuple[Measured, dict[str, Any]]:
     """Wall time from the first event published to the worker's metrics showing every event processed."""
     worker = start_worker(bootstrap, store_path or scratch / "edge", scratch / "worker.log", extra_env)
     try:
@@ -156,13 +178,19 @@ def measure_end_to_end(bootstrap: str, docs: list[Doc], scratch: Path, expected_
         after = worker.metrics() or {}
         spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _BREAKDOWN}
         rss, hwm = peak_rss_bytes(worker.proc.pid)
-        detail = {"publish_seconds": round(published, 3), "chunks_embedded": embedded,
-                  "worker_rss_bytes": rss, "worker_peak_rss_bytes": hwm,
-                  "worker_embed_seconds": spent["vectorstream_embedding_batch_duration_seconds_sum"],
-                  "worker_upsert_seconds": spent["vectorstream_upsert_duration_seconds_sum"],
-                  "worker_batches": spent["vectorstream_ingest_batch_events_count"]}
-        say(f"worker: {detail['worker_batches']:.0f} batches, embedding {detail['worker_embed_seconds']:.1f}s, "
-            f"upserts {detail['worker_upsert_seconds']:.1f}s of {seconds:.1f}s")
+        detail = {
+            "publish_seconds": round(published, 3),
+            "chunks_embedded": embedded,
+            "worker_rss_bytes": rss,
+            "worker_peak_rss_bytes": hwm,
+            "worker_embed_seconds": spent["vectorstream_embedding_batch_duration_seconds_sum"],
+            "worker_upsert_seconds": spent["vectorstream_upsert_duration_seconds_sum"],
+            "worker_batches": spent["vectorstream_ingest_batch_events_count"],
+        }
+        say(
+            f"worker: {detail['worker_batches']:.0f} batches, embedding {detail['worker_embed_seconds']:.1f}s, "
+            f"upserts {detail['worker_upsert_seconds']:.1f}s of {seconds:.1f}s"
+        )
         note = f"worker peak RSS {hwm / 2**20:.0f} MiB; {embedded:.0f} chunks embedded per its metrics"
         return Measured("end to end: Kafka -> worker -> Qdrant Edge", expected_chunks, seconds, note), detail
     finally:
@@ -200,14 +228,24 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
         broker.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    rows = [[r.name, r.chunks, round(r.seconds, 2), round(r.rate, 1), f"{r.rate / plain.rate:.2f}x", r.note]
-            for r in (plain, alone, e2e)]
+    rows = [
+        [r.name, r.chunks, round(r.seconds, 2), round(r.rate, 1), f"{r.rate / plain.rate:.2f}x", r.note]
+        for r in (plain, alone, e2e)
+    ]
     results_table = table(["measurement", "chunks", "seconds", "chunks/s", "vs plain loop", "notes"], rows)
     targets = [
-        ["end to end vs plain SentenceTransformer.encode loop", f"{e2e.rate / plain.rate:.2f}x", ">= 3x",
-         "yes" if e2e.rate >= 3 * plain.rate else "no"],
-        ["end to end vs the embedder alone", f"{e2e.rate / alone.rate:.2f}x", ">= 0.9x",
-         "yes" if e2e.rate >= 0.9 * alone.rate else "no"],
+        [
+            "end to end vs plain SentenceTransformer.encode loop",
+            f"{e2e.rate / plain.rate:.2f}x",
+            ">= 3x",
+            "yes" if e2e.rate >= 3 * plain.rate else "no",
+        ],
+        [
+            "end to end vs the embedder alone",
+            f"{e2e.rate / alone.rate:.2f}x",
+            ">= 0.9x",
+            "yes" if e2e.rate >= 0.9 * alone.rate else "no",
+        ],
     ]
     targets_table = table(["target", "measured", "target", "met"], targets)
     print(results_table)
@@ -217,8 +255,10 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
         "docs": len(docs),
         "chunks": len(texts),
         "mean_chunk_tokens": round(sum(lengths) / len(lengths), 1),
-        "measurements": [{"name": r.name, "chunks": r.chunks, "seconds": r.seconds, "chunks_per_second": r.rate,
-                          "note": r.note} for r in (plain, alone, e2e)],
+        "measurements": [
+            {"name": r.name, "chunks": r.chunks, "seconds": r.seconds, "chunks_per_second": r.rate, "note": r.note}
+            for r in (plain, alone, e2e)
+        ],
         "end_to_end": detail,
         "ratios": {"e2e_vs_plain": e2e.rate / plain.rate, "e2e_vs_embedder": e2e.rate / alone.rate},
         "load_average": os.getloadavg(),
@@ -233,11 +273,16 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
             "Embedder alone: `Embedder.encode_sync` over all chunk texts in one call. Plain loop: a stock "
             f"`SentenceTransformer` (PyTorch) calling `encode()` on {PLAIN_BATCH} texts at a time in arrival order. "
             "Load average at the end of the run (other processes share this machine): "
-            + ", ".join(f"{x:.1f}" for x in data["load_average"]) + "."
+            + ", ".join(f"{x:.1f}" for x in data["load_average"])
+            + "."
         )
-        path = write_results("ingest_throughput", title="Ingest throughput: end to end vs embedding alone",
-                             sections=[("Results", results_table), ("Targets", targets_table), ("Method", method)],
-                             data=data, machine=machine)
+        path = write_results(
+            "ingest_throughput",
+            title="Ingest throughput: end to end vs embedding alone",
+            sections=[("Results", results_table), ("Targets", targets_table), ("Method", method)],
+            data=data,
+            machine=machine,
+        )
         say(f"wrote {path}")
     return data
 

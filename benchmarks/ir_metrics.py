@@ -25,8 +25,9 @@ def recall_at_k(ranked: list[str], judged: Mapping[str, int], k: int = 10) -> fl
     return len(relevant.intersection(ranked[:k])) / len(relevant) if relevant else 0.0
 
 
-def evaluate(runs: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-             k: int = 10) -> dict[str, float]:
+def evaluate(
+    runs: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]], k: int = 10
+) -> dict[str, float]:
     """Mean nDCG@k and recall@k over the judged queries; a judged query missing from ``runs`` scores 0."""
     queries = [q for q, j in qrels.items() if any(g > 0 for g in j.values())]
     ndcg = recall = 0.0

@@ -63,7 +63,7 @@ def scifact_chunks(embedder: Any) -> tuple[list[tuple[str, str, int, str]], np.n
     vectors = np.empty((len(rows), embedder.dim), dtype=np.float32)
     step = 256
     for i in tqdm(range(0, len(rows), step), unit="batch", desc="embed"):
-        vectors[i:i + step] = embedder.encode_sync([r[3] for r in rows[i:i + step]])
+        vectors[i : i + step] = embedder.encode_sync([r[3] for r in rows[i : i + step]])
     cache.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(rows))
     np.save(vec_path, vectors)
@@ -98,20 +98,32 @@ def build_points(rows: list[tuple[str, str, int, str]], vectors: np.ndarray, mod
                 break
             public = rng.random() < 0.4
             acl_stats["public_docs" if public else "private_docs"] += 1
-            access = {"public": public,
-                      "users": [] if public else rng.sample(USERS, rng.randint(1, 3)),
-                      "groups": [] if public else rng.sample(GROUPS, rng.randint(0, 2))}
+            access = {
+                "public": public,
+                "users": [] if public else rng.sample(USERS, rng.randint(1, 3)),
+                "groups": [] if public else rng.sample(GROUPS, rng.randint(0, 2)),
+            }
             idx = by_doc[doc_id][: per_tenant - taken]
-            event = DocumentUpsert(type="upsert", tenant_id=tenant, doc_id=doc_id, version=1, title=rows[idx[0]][1],
-                                   text="-", access=access,
-                                   metadata={"year": 2000 + rng.randrange(25), "lang": rng.choice(LANGS)})
+            event = DocumentUpsert(
+                type="upsert",
+                tenant_id=tenant,
+                doc_id=doc_id,
+                version=1,
+                title=rows[idx[0]][1],
+                text="-",
+                access=access,
+                metadata={"year": 2000 + rng.randrange(25), "lang": rng.choice(LANGS)},
+            )
             noisy = vectors[idx] + nrng.normal(0, NOISE, size=(len(idx), vectors.shape[1])).astype(np.float32)
             noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
             for j, i in enumerate(idx):
                 _, _, chunk_index, text = rows[i]
                 chunk = Chunk(index=chunk_index, text=text, tokens=0, start_char=0, end_char=len(text))
-                points.append(ChunkPoint(chunk_point_id(tenant, doc_id, chunk_index), noisy[j],
-                                         chunk_payload(event, chunk, model)))
+                points.append(
+                    ChunkPoint(
+                        chunk_point_id(tenant, doc_id, chunk_index), noisy[j], chunk_payload(event, chunk, model)
+                    )
+                )
             taken += len(idx)
     return points, acl_stats
 
@@ -133,7 +145,7 @@ async def load_store(settings: Any, points: list[Any], model: str, dim: int) -> 
     await store.open(model=model, dim=dim)
     start = time.perf_counter()
     for i in range(0, len(points), 2000):
-        await store.upsert_chunks(points[i:i + 2000])
+        await store.upsert_chunks(points[i : i + 2000])
     upsert_s = time.perf_counter() - start
     start = time.perf_counter()
     await store.build_index()
@@ -156,8 +168,9 @@ async def recall_tables(settings: Any, embedder: Any, texts: list[str], n: int) 
     for v in vectors:
         tenant, user, groups = random_principal(rng)
         acl_cases.append(Case(v, search_filter(Principal(tenant, user, tuple(groups)))))
-        caller_cases.append(Case(v, search_filter(Principal(tenant, user, tuple(groups)),
-                                                  caller_filter(CALLER_FILTER))))
+        caller_cases.append(
+            Case(v, search_filter(Principal(tenant, user, tuple(groups)), caller_filter(CALLER_FILTER)))
+        )
     store = open_store(settings)
     await store.open(model=embedder.name, dim=embedder.dim)
     try:
@@ -173,8 +186,9 @@ async def recall_tables(settings: Any, embedder: Any, texts: list[str], n: int) 
     }
 
 
-async def latency(bootstrap: str, settings: Any, texts: list[str], *, n: int, in_flight: int,
-                  caller_filter: bool) -> dict[str, Any]:
+async def latency(
+    bootstrap: str, settings: Any, texts: list[str], *, n: int, in_flight: int, caller_filter: bool
+) -> dict[str, Any]:
     from pipeline.auth import mint_token
     from pipeline.client import QueryClient
     from pipeline.recall import percentile
@@ -199,8 +213,14 @@ async def latency(bootstrap: str, settings: Any, texts: list[str], *, n: int, in
             text = rng.choice(texts)
             async with sem:
                 # built when it is sent: the deadline is 30 s from now
-                req = client.new_request(text, tenant=tenant, token=tokens[key], top_k=10,
-                                         filter=CALLER_FILTER if caller_filter else None, timeout=30)
+                req = client.new_request(
+                    text,
+                    tenant=tenant,
+                    token=tokens[key],
+                    top_k=10,
+                    filter=CALLER_FILTER if caller_filter else None,
+                    timeout=30,
+                )
                 start = time.perf_counter()
                 try:
                     reply = await client.request(req)
@@ -218,11 +238,19 @@ async def latency(bootstrap: str, settings: Any, texts: list[str], *, n: int, in
         await asyncio.gather(*(one(i) for i in range(n)))
         wall = time.perf_counter() - start
     return {
-        "n": n, "in_flight": in_flight, "caller_filter": caller_filter,
-        "p50_ms": percentile(rtt, 50), "p95_ms": percentile(rtt, 95), "p99_ms": percentile(rtt, 99),
-        "mean_ms": statistics.fmean(rtt), "max_ms": max(rtt),
-        "server_p50_ms": percentile(server, 50), "server_p99_ms": percentile(server, 99),
-        "queries_per_second": n / wall, "mean_hits": hits / max(len(server), 1), "errors": errors,
+        "n": n,
+        "in_flight": in_flight,
+        "caller_filter": caller_filter,
+        "p50_ms": percentile(rtt, 50),
+        "p95_ms": percentile(rtt, 95),
+        "p99_ms": percentile(rtt, 99),
+        "mean_ms": statistics.fmean(rtt),
+        "max_ms": max(rtt),
+        "server_p50_ms": percentile(server, 50),
+        "server_p99_ms": percentile(server, 99),
+        "queries_per_second": n / wall,
+        "mean_hits": hits / max(len(server), 1),
+        "errors": errors,
     }
 
 
@@ -233,8 +261,9 @@ async def warm_up(bootstrap: str, settings: Any, texts: list[str]) -> None:
 
     k = settings.kafka
     token = mint_token(settings.query, tenant="t00", user="u00")
-    async with QueryClient(bootstrap, queries_topic=k.queries_topic, replies_topic=k.replies_topic,
-                           tenant="t00", token=token) as client:
+    async with QueryClient(
+        bootstrap, queries_topic=k.queries_topic, replies_topic=k.replies_topic, tenant="t00", token=token
+    ) as client:
         deadline = time.monotonic() + 180
         answered = 0
         while answered < 20:
@@ -278,27 +307,45 @@ def run(n: int = 1000, recall_n: int = 200, keep: bool = False) -> dict[str, Any
     recall = asyncio.run(recall_tables(settings, embedder, texts, recall_n))
     embedder.close()
 
-    results: dict[str, Any] = {"store": loaded, "acl": acl_stats, "latency": [],
-                               "corpus_backend": str(getattr(embedder, "backend_label", "torch"))}
+    results: dict[str, Any] = {
+        "store": loaded,
+        "acl": acl_stats,
+        "latency": [],
+        "corpus_backend": str(getattr(embedder, "backend_label", "torch")),
+    }
     with ApacheKafka(quiet=True) as broker:
         run_id = f"{int(time.time())}"
         worker = WorkerProcess(
-            bootstrap=broker.bootstrap_servers, store_path=store_path, topic=f"bench-docs-{run_id}",
-            dlq=f"bench-docs-{run_id}.dlq", group=f"bench-{run_id}", log_path=scratch / "worker.log",
-            extra_env={"VECTORSTREAM_KAFKA__QUERIES_TOPIC": f"bench-q-{run_id}",
-                       "VECTORSTREAM_KAFKA__REPLIES_TOPIC": f"bench-r-{run_id}",
-                       "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": "0"},
+            bootstrap=broker.bootstrap_servers,
+            store_path=store_path,
+            topic=f"bench-docs-{run_id}",
+            dlq=f"bench-docs-{run_id}.dlq",
+            group=f"bench-{run_id}",
+            log_path=scratch / "worker.log",
+            extra_env={
+                "VECTORSTREAM_KAFKA__QUERIES_TOPIC": f"bench-q-{run_id}",
+                "VECTORSTREAM_KAFKA__REPLIES_TOPIC": f"bench-r-{run_id}",
+                "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": "0",
+            },
         ).start()
-        bench_settings = Settings(_env_file=None, kafka={
-            "bootstrap_servers": broker.bootstrap_servers, "queries_topic": f"bench-q-{run_id}",
-            "replies_topic": f"bench-r-{run_id}"})
+        bench_settings = Settings(
+            _env_file=None,
+            kafka={
+                "bootstrap_servers": broker.bootstrap_servers,
+                "queries_topic": f"bench-q-{run_id}",
+                "replies_topic": f"bench-r-{run_id}",
+            },
+        )
         try:
             worker.wait_for(lambda: worker.metrics() is not None, 180, "the worker's /metrics")
             asyncio.run(warm_up(broker.bootstrap_servers, bench_settings, texts))
             for in_flight, caller in ((1, False), (1, True), (8, False), (8, True)):
                 say(f"latency: {n} queries, {in_flight} in flight, caller filter {caller}")
-                row = asyncio.run(latency(broker.bootstrap_servers, bench_settings, texts, n=n, in_flight=in_flight,
-                                          caller_filter=caller))
+                row = asyncio.run(
+                    latency(
+                        broker.bootstrap_servers, bench_settings, texts, n=n, in_flight=in_flight, caller_filter=caller
+                    )
+                )
                 say(str(row))
                 results["latency"].append(row)
         finally:
@@ -319,14 +366,37 @@ def run(n: int = 1000, recall_n: int = 200, keep: bool = False) -> dict[str, Any
 def write(results: dict[str, Any], recall: dict[str, Any], *, n: int, recall_n: int) -> None:
     machine = machine_info()
     lat_rows = [
-        [r["in_flight"], "tenant + access" + (" + caller" if r["caller_filter"] else ""), r["n"],
-         round(r["p50_ms"], 1), round(r["p95_ms"], 1), round(r["p99_ms"], 1), round(r["server_p50_ms"], 1),
-         round(r["server_p99_ms"], 1), round(r["queries_per_second"], 1), round(r["mean_hits"], 2),
-         ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"]
+        [
+            r["in_flight"],
+            "tenant + access" + (" + caller" if r["caller_filter"] else ""),
+            r["n"],
+            round(r["p50_ms"], 1),
+            round(r["p95_ms"], 1),
+            round(r["p99_ms"], 1),
+            round(r["server_p50_ms"], 1),
+            round(r["server_p99_ms"], 1),
+            round(r["queries_per_second"], 1),
+            round(r["mean_hits"], 2),
+            ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none",
+        ]
         for r in results["latency"]
     ]
-    lat = table(["in flight", "filter", "queries", "p50 ms", "p95 ms", "p99 ms", "worker p50 ms", "worker p99 ms",
-                 "queries/s", "hits/query", "errors"], lat_rows)
+    lat = table(
+        [
+            "in flight",
+            "filter",
+            "queries",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "worker p50 ms",
+            "worker p99 ms",
+            "queries/s",
+            "hits/query",
+            "errors",
+        ],
+        lat_rows,
+    )
     s = results["store"]
     md = [
         "# Query latency over Kafka at 100,000 chunks, and recall against exact search",
@@ -383,8 +453,9 @@ def write(results: dict[str, Any], recall: dict[str, Any], *, n: int, recall_n: 
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "query_latency.md").write_text("\n".join(md))
-    (RESULTS / "query_latency.json").write_text(json.dumps({"machine": machine, **results}, indent=2,
-                                                           default=str) + "\n")
+    (RESULTS / "query_latency.json").write_text(
+        json.dumps({"machine": machine, **results}, indent=2, default=str) + "\n"
+    )
     print("\n".join(md))
 
 

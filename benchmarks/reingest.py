@@ -25,8 +25,18 @@ async def _publish_versions(bootstrap: str, topic: str, docs: list[Doc], version
     from pipeline.client import DocumentPublisher
     from schemas.events import AccessControl, DocumentUpsert
 
-    events = [DocumentUpsert(type="upsert", tenant_id="bench", doc_id=d.id, version=version, title=d.title[:1000],
-                             text=d.text, access=AccessControl(public=True)) for d in docs]
+    events = [
+        DocumentUpsert(
+            type="upsert",
+            tenant_id="bench",
+            doc_id=d.id,
+            version=version,
+            title=d.title[:1000],
+            text=d.text,
+            access=AccessControl(public=True),
+        )
+        for d in docs
+    ]
     async with DocumentPublisher(bootstrap, topic) as pub:
         await pub.publish_many(events)
 
@@ -132,28 +142,53 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
         broker.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    names = ["initial ingest (empty store)", "re-ingest, ~5% of chunks changed", "full re-ingest, all chunks changed",
-             "only the changed documents re-published"]
+    names = [
+        "initial ingest (empty store)",
+        "re-ingest, ~5% of chunks changed",
+        "full re-ingest, all chunks changed",
+        "only the changed documents re-published",
+    ]
     passes = (first, changed, full, only)
     counts = (len(docs), len(docs), len(docs), len(only_changed))
-    rows = [[n, c, round(s, 2), int(e), int(r), f"{e / max(1, e + r):.1%}"]
-            for n, c, (s, e, r) in zip(names, counts, passes, strict=True)]
+    rows = [
+        [n, c, round(s, 2), int(e), int(r), f"{e / max(1, e + r):.1%}"]
+        for n, c, (s, e, r) in zip(names, counts, passes, strict=True)
+    ]
     body = table(["pass", "documents", "seconds", "chunks embedded", "chunks reused", "changed"], rows)
     ratio = changed[0] / full[0]
     ratio_only = only[0] / full[0]
-    targets = table(["target", "measured", "target", "met"], [
-        ["5%-changed re-ingest time vs full re-ingest (every document re-published)", f"{ratio:.1%}", "<= 10%",
-         "yes" if ratio <= 0.10 else "no"],
-        ["the same when only the changed documents are re-published", f"{ratio_only:.1%}", "<= 10%",
-         "yes" if ratio_only <= 0.10 else "no"],
-    ])
+    targets = table(
+        ["target", "measured", "target", "met"],
+        [
+            [
+                "5%-changed re-ingest time vs full re-ingest (every document re-published)",
+                f"{ratio:.1%}",
+                "<= 10%",
+                "yes" if ratio <= 0.10 else "no",
+            ],
+            [
+                "the same when only the changed documents are re-published",
+                f"{ratio_only:.1%}",
+                "<= 10%",
+                "yes" if ratio_only <= 0.10 else "no",
+            ],
+        ],
+    )
     print(body)
     print()
     print(targets)
-    data = {"docs": len(docs), "chunks": total, "backend": label, "edited_docs": len(edited),
-            "passes": [{"name": n, "documents": c, "seconds": s, "embedded": e, "reused": r}
-                       for n, c, (s, e, r) in zip(names, counts, passes, strict=True)],
-            "ratio": ratio, "ratio_only_changed_documents": ratio_only}
+    data = {
+        "docs": len(docs),
+        "chunks": total,
+        "backend": label,
+        "edited_docs": len(edited),
+        "passes": [
+            {"name": n, "documents": c, "seconds": s, "embedded": e, "reused": r}
+            for n, c, (s, e, r) in zip(names, counts, passes, strict=True)
+        ],
+        "ratio": ratio,
+        "ratio_only_changed_documents": ratio_only,
+    }
     if write:
         method = (
             f"{len(docs)} scifact documents ({total} chunks), embedded with {label}, one Apache Kafka broker and one "
@@ -167,9 +202,13 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
             "this uncased model, so the same embedding work as the first ingest). The last pass re-publishes only "
             "the edited documents (as a change-data-capture producer would), each with one chunk changed again."
         )
-        path = write_results("reingest", title="Re-ingest with few changes vs full re-ingest",
-                             sections=[("Results", body), ("Targets", targets), ("Method", method)],
-                             data=data, machine=machine)
+        path = write_results(
+            "reingest",
+            title="Re-ingest with few changes vs full re-ingest",
+            sections=[("Results", body), ("Targets", targets), ("Method", method)],
+            data=data,
+            machine=machine,
+        )
         say(f"wrote {path}")
     return data
 

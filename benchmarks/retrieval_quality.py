@@ -71,8 +71,9 @@ def exact_runs(doc_ids: list[str], vecs: np.ndarray, qids: list[str], qvecs: np.
     return runs
 
 
-def in_process(backend: str, reference: str, docs: list[Doc], queries: dict[str, str],
-               qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
+def in_process(
+    backend: str, reference: str, docs: list[Doc], queries: dict[str, str], qrels: dict[str, dict[str, int]]
+) -> dict[str, Any]:
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
 
@@ -91,8 +92,12 @@ def in_process(backend: str, reference: str, docs: list[Doc], queries: dict[str,
         qvecs = emb.encode_sync([queries[q] for q in qids])
         vectors[name] = vecs
         metrics = evaluate(exact_runs(doc_ids, vecs, qids, qvecs), qrels)
-        out[name] = {**metrics, "label": emb.backend_label, "chunks": len(texts),
-                     "chunks_per_second": len(texts) / seconds if seconds else None}
+        out[name] = {
+            **metrics,
+            "label": emb.backend_label,
+            "chunks": len(texts),
+            "chunks_per_second": len(texts) / seconds if seconds else None,
+        }
         emb.close()
     cos = (vectors[backend] * vectors[reference]).sum(axis=1)
     out["mean_cosine"] = float(cos.mean())
@@ -133,9 +138,14 @@ def end_to_end(docs: list[Doc], queries: dict[str, str], qrels: dict[str, dict[s
             ingest_seconds = time.perf_counter() - started
             chunks = chunks_embedded(worker)
             # the worker builds the HNSW index once writes go quiet: let it, so queries see the index
-            worker.wait_for(lambda: (worker.metrics() or {}).get("vectorstream_index_builds_total", 0) >= 1
-                            and time.perf_counter() - started > ingest_seconds + 3, timeout=600,
-                            what="the HNSW index built")
+            worker.wait_for(
+                lambda: (
+                    (worker.metrics() or {}).get("vectorstream_index_builds_total", 0) >= 1
+                    and time.perf_counter() - started > ingest_seconds + 3
+                ),
+                timeout=600,
+                what="the HNSW index built",
+            )
             say(f"ingested {chunks:.0f} chunks in {ingest_seconds:.0f}s; asking {len(queries)} queries")
             token = mint_token(Settings(_env_file=None).query, tenant="bench", user="bench")
             runs, took = asyncio.run(_ask_all(broker.bootstrap_servers, token, queries))
@@ -145,8 +155,14 @@ def end_to_end(docs: list[Doc], queries: dict[str, str], qrels: dict[str, dict[s
         broker.close()
         shutil.rmtree(scratch, ignore_errors=True)
     metrics = evaluate(runs, qrels)
-    return {**metrics, "ingest_seconds": ingest_seconds, "chunks": chunks, "chunks_per_second": chunks / ingest_seconds,
-            "server_took_ms_p50": float(np.percentile(took, 50)), "server_took_ms_p99": float(np.percentile(took, 99))}
+    return {
+        **metrics,
+        "ingest_seconds": ingest_seconds,
+        "chunks": chunks,
+        "chunks_per_second": chunks / ingest_seconds,
+        "server_took_ms_p50": float(np.percentile(took, 50)),
+        "server_took_ms_p99": float(np.percentile(took, 99)),
+    }
 
 
 def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> dict[str, Any]:
@@ -167,24 +183,51 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
 
     ref, ours = inproc[reference], inproc[backend]
     rows = [
-        [f"exact search, {ref['label']} (fp32 reference)", round(ref["ndcg@10"], 4), round(ref["recall@10"], 4),
-         "in process, all chunks, numpy"],
-        [f"exact search, {ours['label']} (the default backend)", round(ours["ndcg@10"], 4),
-         round(ours["recall@10"], 4), "in process, all chunks, numpy"],
+        [
+            f"exact search, {ref['label']} (fp32 reference)",
+            round(ref["ndcg@10"], 4),
+            round(ref["recall@10"], 4),
+            "in process, all chunks, numpy",
+        ],
+        [
+            f"exact search, {ours['label']} (the default backend)",
+            round(ours["ndcg@10"], 4),
+            round(ours["recall@10"], 4),
+            "in process, all chunks, numpy",
+        ],
     ]
     if full:
-        rows.append([f"end to end: Kafka -> worker -> Qdrant Edge -> query topic ({ours['label']})",
-                     round(full["ndcg@10"], 4), round(full["recall@10"], 4),
-                     f"HNSW; {full['chunks']:.0f} chunks ingested at {full['chunks_per_second']:.1f}/s"])
-    rows.append(["published (MTEB, all-MiniLM-L6-v2, exact, first 256 tokens of each document)",
-                 PUBLISHED["ndcg@10"], PUBLISHED["recall@10"], "README of the datasets folder"])
+        rows.append(
+            [
+                f"end to end: Kafka -> worker -> Qdrant Edge -> query topic ({ours['label']})",
+                round(full["ndcg@10"], 4),
+                round(full["recall@10"], 4),
+                f"HNSW; {full['chunks']:.0f} chunks ingested at {full['chunks_per_second']:.1f}/s",
+            ]
+        )
+    rows.append(
+        [
+            "published (MTEB, all-MiniLM-L6-v2, exact, first 256 tokens of each document)",
+            PUBLISHED["ndcg@10"],
+            PUBLISHED["recall@10"],
+            "README of the datasets folder",
+        ]
+    )
     body = table(["system", "nDCG@10", "Recall@10", "notes"], rows)
     d_ndcg = ours["ndcg@10"] - ref["ndcg@10"]
     targets = [
-        ["mean cosine, default backend vs fp32 (all scifact chunks)", round(inproc["mean_cosine"], 4), ">= 0.99",
-         "yes" if inproc["mean_cosine"] >= 0.99 else "no"],
-        ["nDCG@10, default backend minus fp32", f"{d_ndcg:+.4f}", "within 0.01",
-         "yes" if abs(d_ndcg) <= 0.01 else "no"],
+        [
+            "mean cosine, default backend vs fp32 (all scifact chunks)",
+            round(inproc["mean_cosine"], 4),
+            ">= 0.99",
+            "yes" if inproc["mean_cosine"] >= 0.99 else "no",
+        ],
+        [
+            "nDCG@10, default backend minus fp32",
+            f"{d_ndcg:+.4f}",
+            "within 0.01",
+            "yes" if abs(d_ndcg) <= 0.01 else "no",
+        ],
     ]
     if full:
         d_pub = full["ndcg@10"] - PUBLISHED["ndcg@10"]
@@ -193,8 +236,13 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
     print(body)
     print()
     print(targets_table)
-    data = {"backend": backend, "reference": reference, "in_process": inproc, "end_to_end": full,
-            "published": PUBLISHED}
+    data = {
+        "backend": backend,
+        "reference": reference,
+        "in_process": inproc,
+        "end_to_end": full,
+        "published": PUBLISHED,
+    }
     if write:
         method = (
             f"scifact test split: {len(docs)} documents (title and text), {len(queries)} judged queries. Documents "
@@ -206,9 +254,13 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
             "queries topic with a signed token and answered by the same worker (HNSW, default ef). The published "
             "figure embeds each document once, truncated at 256 tokens, so chunking explains part of the difference."
         )
-        path = write_results("retrieval_quality", title="Retrieval quality on scifact",
-                             sections=[("Results", body), ("Targets", targets_table), ("Method", method)],
-                             data=data, machine=machine)
+        path = write_results(
+            "retrieval_quality",
+            title="Retrieval quality on scifact",
+            sections=[("Results", body), ("Targets", targets_table), ("Method", method)],
+            data=data,
+            machine=machine,
+        )
         say(f"wrote {path}")
     return data
 

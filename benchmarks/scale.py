@@ -51,8 +51,15 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 }
 
 
-async def _grow(scales: tuple[int, ...], base: np.ndarray, texts: list[str], qvecs: np.ndarray,
-                folder: Path, e2e: Any = None, layout: str = "scale") -> list[dict[str, Any]]:
+async def _grow(
+    scales: tuple[int, ...],
+    base: np.ndarray,
+    texts: list[str],
+    qvecs: np.ndarray,
+    folder: Path,
+    e2e: Any = None,
+    layout: str = "scale",
+) -> list[dict[str, Any]]:
     """Grow one store through the sizes; at each, measure the store part, queries and (``e2e``) a worker run."""
     import os
 
@@ -77,8 +84,9 @@ async def _grow(scales: tuple[int, ...], base: np.ndarray, texts: list[str], qve
     )
 
     settings = Settings(_env_file=None)
-    settings = settings.model_copy(update={"store": settings.store.model_copy(update={"path": folder,
-                                                                                       **LAYOUTS[layout]})})
+    settings = settings.model_copy(
+        update={"store": settings.store.model_copy(update={"path": folder, **LAYOUTS[layout]})}
+    )
     store = open_store(settings)
     await store.open(model=settings.model.name, dim=base.shape[1])
     rng = np.random.default_rng(7)
@@ -97,11 +105,25 @@ async def _grow(scales: tuple[int, ...], base: np.ndarray, texts: list[str], qve
                 for j, i in enumerate(idx):
                     tenant = f"t{i % TENANTS}"
                     doc = f"d{i // 2}"
-                    points.append(ChunkPoint(chunk_point_id(tenant, doc, int(i % 2)), vecs[j].tolist(), {
-                        TENANT: tenant, DOC: doc, VERSION: 1, CHUNK_INDEX: int(i % 2), TITLE: "",
-                        TEXT: texts[i % len(texts)], ACL_PUBLIC: True, ACL_USERS: [], ACL_GROUPS: [],
-                        CONTENT_HASH: f"{i:032x}", MODEL: settings.model.name,
-                    }))
+                    points.append(
+                        ChunkPoint(
+                            chunk_point_id(tenant, doc, int(i % 2)),
+                            vecs[j].tolist(),
+                            {
+                                TENANT: tenant,
+                                DOC: doc,
+                                VERSION: 1,
+                                CHUNK_INDEX: int(i % 2),
+                                TITLE: "",
+                                TEXT: texts[i % len(texts)],
+                                ACL_PUBLIC: True,
+                                ACL_USERS: [],
+                                ACL_GROUPS: [],
+                                CONTENT_HASH: f"{i:032x}",
+                                MODEL: settings.model.name,
+                            },
+                        )
+                    )
                 await store.upsert_chunks(points)
                 written += n
                 unindexed += n
@@ -129,14 +151,26 @@ async def _grow(scales: tuple[int, ...], base: np.ndarray, texts: list[str], qve
                     recall.append(len({h.id for h in hits} & {h.id for h in truth}) / max(1, len(truth)))
             rss, hwm = peak_rss_bytes(os.getpid())
             segments = (await store.open(model=settings.model.name, dim=base.shape[1])).extra.get("segments")
-            row = {"chunks": target, "store_points_per_second": rate, "query_p50_ms": float(np.percentile(lat, 50)),
-                   "query_p99_ms": float(np.percentile(lat, 99)), "rss_bytes": rss, "peak_rss_bytes": hwm,
-                   "rss_growth_bytes": rss - rss_open, "disk_bytes": _dir_bytes(folder),
-                   "index_build_seconds": build_seconds, "longest_build_seconds": longest_build,
-                   "segment_seconds": segment_seconds, "layout": layout, "segments": segments,
-                   "recall_at_10": float(np.mean(recall))}
-            say(f"{target:,} chunks: {rate:,.0f} points/s ({segment_start:,} to {target:,}), "
-                f"query p99 {row['query_p99_ms']:.2f} ms")
+            row = {
+                "chunks": target,
+                "store_points_per_second": rate,
+                "query_p50_ms": float(np.percentile(lat, 50)),
+                "query_p99_ms": float(np.percentile(lat, 99)),
+                "rss_bytes": rss,
+                "peak_rss_bytes": hwm,
+                "rss_growth_bytes": rss - rss_open,
+                "disk_bytes": _dir_bytes(folder),
+                "index_build_seconds": build_seconds,
+                "longest_build_seconds": longest_build,
+                "segment_seconds": segment_seconds,
+                "layout": layout,
+                "segments": segments,
+                "recall_at_10": float(np.mean(recall)),
+            }
+            say(
+                f"{target:,} chunks: {rate:,.0f} points/s ({segment_start:,} to {target:,}), "
+                f"query p99 {row['query_p99_ms']:.2f} ms"
+            )
             if e2e is not None:
                 # a real worker ingests real documents into this very store (it needs the store's folder)
                 await store.close()
@@ -155,22 +189,29 @@ def _e2e_runner(bootstrap: str, scratch: Path, layout: str) -> Any:
 
     docs = load_corpus(E2E_DOCS)
     # the worker opens the store with the same layout (Edge rewrites a shard's config to the one it is given)
-    env = {f"VECTORSTREAM_STORE__{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
-           for k, v in LAYOUTS[layout].items()}
+    env = {
+        f"VECTORSTREAM_STORE__{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+        for k, v in LAYOUTS[layout].items()
+    }
 
     def measure(store_path: Path, tenant: str) -> dict[str, Any]:
         say(f"  end to end: {len(docs)} documents through Kafka into this store")
         measured, detail = measure_end_to_end(bootstrap, docs, scratch, 0, env, tenant=tenant, store_path=store_path)
         chunks = detail["chunks_embedded"]
         rate = chunks / measured.seconds
-        return {"e2e_chunks": chunks, "e2e_seconds": measured.seconds, "e2e_chunks_per_second": rate,
-                "worker_peak_rss_bytes": detail["worker_peak_rss_bytes"]}
+        return {
+            "e2e_chunks": chunks,
+            "e2e_seconds": measured.seconds,
+            "e2e_chunks_per_second": rate,
+            "worker_peak_rss_bytes": detail["worker_peak_rss_bytes"],
+        }
 
     return measure
 
 
-def run(scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True,
-        layout: str = "scale") -> dict[str, Any]:
+def run(
+    scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True, layout: str = "scale"
+) -> dict[str, Any]:
     offline()
     from pipeline.broker import ApacheKafka
     from pipeline.embedding import Embedder
@@ -204,20 +245,51 @@ def run(scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True,
         p99_ratio = r["query_p99_ms"] / ref["query_p99_ms"]
         e2e_cells = ["-", "-", "-"]
         if "e2e_chunks_per_second" in r:
-            e2e_cells = [round(r["e2e_chunks_per_second"], 1), f"{rate_ratio:.2f}x",
-                         f"{r['worker_peak_rss_bytes'] / 2**20:,.0f}"]
+            e2e_cells = [
+                round(r["e2e_chunks_per_second"], 1),
+                f"{rate_ratio:.2f}x",
+                f"{r['worker_peak_rss_bytes'] / 2**20:,.0f}",
+            ]
         store_ratio = r["store_points_per_second"] / ref["store_points_per_second"]
-        table_rows.append([f"{r['chunks']:,}", *e2e_cells, round(r["store_points_per_second"]), f"{store_ratio:.2f}x",
-                           f"{r['index_build_seconds'] / max(r['segment_seconds'], 1e-9):.0%}",
-                           round(r.get("longest_build_seconds", 0.0), 1), r.get("segments", "-"),
-                           round(r["query_p50_ms"], 2), round(r["query_p99_ms"], 2), f"{p99_ratio:.2f}x",
-                           round(r.get("recall_at_10", float("nan")), 3),
-                           f"{r['rss_growth_bytes'] / 2**20:,.0f}", f"{r['disk_bytes'] / 2**20:,.0f}",
-                           "yes" if rate_ratio >= 0.75 and p99_ratio <= 1.25 else "no"])
-    body = table(["chunks", "end-to-end ingest chunks/s", "vs 10k", "worker peak RSS MiB", "store part points/s",
-                  "vs 10k", "of it HNSW builds", "longest build s", "segments", "query p50 ms", "query p99 ms",
-                  "p99 vs 10k", "recall@10 vs exact", "store RSS MiB",
-                  "store on disk MiB", "ingest and p99 within 25% of 10k"], table_rows)
+        table_rows.append(
+            [
+                f"{r['chunks']:,}",
+                *e2e_cells,
+                round(r["store_points_per_second"]),
+                f"{store_ratio:.2f}x",
+                f"{r['index_build_seconds'] / max(r['segment_seconds'], 1e-9):.0%}",
+                round(r.get("longest_build_seconds", 0.0), 1),
+                r.get("segments", "-"),
+                round(r["query_p50_ms"], 2),
+                round(r["query_p99_ms"], 2),
+                f"{p99_ratio:.2f}x",
+                round(r.get("recall_at_10", float("nan")), 3),
+                f"{r['rss_growth_bytes'] / 2**20:,.0f}",
+                f"{r['disk_bytes'] / 2**20:,.0f}",
+                "yes" if rate_ratio >= 0.75 and p99_ratio <= 1.25 else "no",
+            ]
+        )
+    body = table(
+        [
+            "chunks",
+            "end-to-end ingest chunks/s",
+            "vs 10k",
+            "worker peak RSS MiB",
+            "store part points/s",
+            "vs 10k",
+            "of it HNSW builds",
+            "longest build s",
+            "segments",
+            "query p50 ms",
+            "query p99 ms",
+            "p99 vs 10k",
+            "recall@10 vs exact",
+            "store RSS MiB",
+            "store on disk MiB",
+            "ingest and p99 within 25% of 10k",
+        ],
+        table_rows,
+    )
     print(body)
     data = {"scales": list(scales), "rows": rows, "base_vectors": len(base), "noise_sigma": NOISE}
     if write:
@@ -241,8 +313,13 @@ def run(scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True,
             "scifact documents (a new tenant each time) through Apache Kafka into that very store, timed as in "
             "ingest_throughput; the verdict uses this end-to-end rate and the query p99."
         )
-        path = write_results("scale", title="Scale: store ingest and query latency by collection size",
-                             sections=[("Results", body), ("Method", method)], data=data, machine=machine)
+        path = write_results(
+            "scale",
+            title="Scale: store ingest and query latency by collection size",
+            sections=[("Results", body), ("Method", method)],
+            data=data,
+            machine=machine,
+        )
         say(f"wrote {path}")
     return data
 
@@ -250,8 +327,12 @@ def run(scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scale-1m", action="store_true", help="also grow to 1,000,000 chunks (long)")
-    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="scale",
-                        help="store settings: float32 in RAM, or int8 + on disk (default %(default)s)")
+    parser.add_argument(
+        "--layout",
+        choices=sorted(LAYOUTS),
+        default="scale",
+        help="store settings: float32 in RAM, or int8 + on disk (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     run((*SCALES, 1_000_000) if args.scale_1m else SCALES, layout=args.layout)
     return 0

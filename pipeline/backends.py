@@ -125,8 +125,11 @@ def pooling_mode(st_model: Any) -> str:
     pool = modules[1]
     mode = getattr(pool, "pooling_mode", None)
     if mode is None:  # sentence-transformers before 6
-        mode = "mean" if getattr(pool, "pooling_mode_mean_tokens", False) else (
-            "cls" if getattr(pool, "pooling_mode_cls_token", False) else "other")
+        mode = (
+            "mean"
+            if getattr(pool, "pooling_mode_mean_tokens", False)
+            else ("cls" if getattr(pool, "pooling_mode_cls_token", False) else "other")
+        )
     if mode not in ("mean", "cls"):
         raise ConfigurationError(f"pooling {mode!r} is not supported by exported backends; use backend=torch")
     return str(mode)
@@ -151,8 +154,9 @@ class _Tokenizing:
         self.pooling = pooling
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_seq_length,
-                             return_tensors="np")
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="np"
+        )
         out = {k: np.asarray(enc[k], dtype=np.int64) for k in _INPUTS if k in enc}
         if "token_type_ids" not in out:
             out["token_type_ids"] = np.zeros_like(out["input_ids"])
@@ -180,13 +184,17 @@ class TorchBackend(_Sequential):
         self.label = "torch fp32"
 
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
-        return self.model.encode(list(texts), batch_size=max(1, len(texts)), normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32, copy=False)
+        return self.model.encode(
+            list(texts),
+            batch_size=max(1, len(texts)),
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32, copy=False)
 
 
 class OnnxBackend(_Tokenizing, _Sequential):
-    def __init__(self, path: Path, tokenizer: Any, max_seq_length: int, pooling: str, threads: int,
-                 label: str) -> None:
+    def __init__(self, path: Path, tokenizer: Any, max_seq_length: int, pooling: str, threads: int, label: str) -> None:
         super().__init__(tokenizer, max_seq_length, pooling)
         import onnxruntime as ort
 
@@ -206,8 +214,17 @@ class OnnxBackend(_Tokenizing, _Sequential):
 
 
 class OpenVinoBackend(_Tokenizing):
-    def __init__(self, path: Path, tokenizer: Any, max_seq_length: int, pooling: str, threads: int,
-                 label: str, *, latency: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tokenizer: Any,
+        max_seq_length: int,
+        pooling: str,
+        threads: int,
+        label: str,
+        *,
+        latency: bool = False,
+    ) -> None:
         super().__init__(tokenizer, max_seq_length, pooling)
         import openvino as ov
 
@@ -279,15 +296,17 @@ class _HiddenStates:
                 self.inner = inner
 
             def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).last_hidden_state
+                return self.inner(
+                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                ).last_hidden_state
 
         return Wrapped(auto_model).eval()
 
 
 def _example_inputs(st_model: Any) -> dict[str, Any]:
-    enc = st_model.tokenizer(["an example input", "a second, somewhat longer example input text"],
-                             padding=True, return_tensors="pt")
+    enc = st_model.tokenizer(
+        ["an example input", "a second, somewhat longer example input text"], padding=True, return_tensors="pt"
+    )
     import torch
 
     out = {k: enc[k] for k in _INPUTS if k in enc}
@@ -314,15 +333,28 @@ def export_onnx_fp32(st_model: Any, out: Path) -> None:
     raw = out.with_name("raw.onnx")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_HiddenStates(_auto_model(st_model)), tuple(example[k] for k in _INPUTS), str(raw),
-                          input_names=list(_INPUTS), output_names=["last_hidden_state"], dynamic_axes=axes,
-                          opset_version=17, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            _HiddenStates(_auto_model(st_model)),
+            tuple(example[k] for k in _INPUTS),
+            str(raw),
+            input_names=list(_INPUTS),
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=17,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     config = _auto_model(st_model).config
     try:
         from onnxruntime.transformers.optimizer import optimize_model
 
-        fused = optimize_model(str(raw), model_type="bert", num_heads=int(config.num_attention_heads),
-                               hidden_size=int(config.hidden_size), opt_level=1)
+        fused = optimize_model(
+            str(raw),
+            model_type="bert",
+            num_heads=int(config.num_attention_heads),
+            hidden_size=int(config.hidden_size),
+            opt_level=1,
+        )
         fused.save_model_to_file(str(out))
         raw.unlink()
     except Exception as exc:  # noqa: BLE001 - the plain export is correct, only slower
@@ -336,9 +368,14 @@ def export_onnx_int8(fp32: Path, out: Path, isa: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # the fused graph has contrib ops that shape inference cannot type: their outputs are float tensors
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                     reduce_range=int8_reduce_range(isa),
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        str(fp32),
+        str(out),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=int8_reduce_range(isa),
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
 
 
 def export_openvino(st_model: Any, out: Path) -> None:
@@ -359,9 +396,10 @@ def export_openvino_int8(fp32_xml: Path, out: Path, st_model: Any, max_seq_lengt
     model = core.read_model(str(fp32_xml))
     tok = _Tokenizing(st_model.tokenizer, max_seq_length, "mean")
     texts = calibration_texts()
-    samples = [tok.tokenize(texts[i:i + 8]) for i in range(0, len(texts), 8)]
-    quantized = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(samples))
+    samples = [tok.tokenize(texts[i : i + 8]) for i in range(0, len(texts), 8)]
+    quantized = nncf.quantize(
+        model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples)
+    )
     ov.save_model(quantized, str(out), compress_to_fp16=False)
 
 
@@ -370,8 +408,8 @@ def export_openvino_int8(fp32_xml: Path, out: Path, st_model: Any, max_seq_lengt
 
 def _guard(backend: Backend, reference: Backend) -> dict[str, float]:
     texts = calibration_texts()
-    ours = np.concatenate([backend.encode_batch(texts[i:i + 16]) for i in range(0, len(texts), 16)])
-    ref = np.concatenate([reference.encode_batch(texts[i:i + 16]) for i in range(0, len(texts), 16)])
+    ours = np.concatenate([backend.encode_batch(texts[i : i + 16]) for i in range(0, len(texts), 16)])
+    ref = np.concatenate([reference.encode_batch(texts[i : i + 16]) for i in range(0, len(texts), 16)])
     cos = (ours * ref).sum(axis=1)
     return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "texts": len(texts)}
 
@@ -417,16 +455,19 @@ def load_backend(
         _atomic_write(quality_path, json.dumps(quality, indent=2))
     quality["backend"] = name
     if quality["mean_cosine"] < min_cosine:
-        message = (f"embedding backend {name} gives a mean cosine of {quality['mean_cosine']:.4f} to PyTorch fp32 "
-                   f"on the calibration set, below the guard's {min_cosine}")
+        message = (
+            f"embedding backend {name} gives a mean cosine of {quality['mean_cosine']:.4f} to PyTorch fp32 "
+            f"on the calibration set, below the guard's {min_cosine}"
+        )
         if not force:
             raise ConfigurationError(message + "; set VECTORSTREAM_MODEL__FORCE_BACKEND=true to use it anyway")
         log.warning("%s; used anyway because force_backend is set", message)
     return backend, quality
 
 
-def _open(name: str, folder: Path, tokenizer: Any, max_len: int, pooling: str, threads: int, isa: str,
-          latency: bool = False) -> Backend:
+def _open(
+    name: str, folder: Path, tokenizer: Any, max_len: int, pooling: str, threads: int, isa: str, latency: bool = False
+) -> Backend:
     if name.startswith("onnx"):
         label = "ONNX Runtime int8 (" + isa + ")" if name == "onnx-int8" else "ONNX Runtime fp32"
         return OnnxBackend(folder / "model.onnx", tokenizer, max_len, pooling, threads, label)
@@ -434,8 +475,9 @@ def _open(name: str, folder: Path, tokenizer: Any, max_len: int, pooling: str, t
     return OpenVinoBackend(folder / "model.xml", tokenizer, max_len, pooling, threads, label, latency=latency)
 
 
-def _export(name: str, st_model: Any, folder: Path, cache: Path, model_name: str, model_path: str, isa: str,
-            max_len: int) -> None:
+def _export(
+    name: str, st_model: Any, folder: Path, cache: Path, model_name: str, model_path: str, isa: str, max_len: int
+) -> None:
     """Export into a scratch folder and rename it into place, so concurrent processes never see half a model."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -456,8 +498,13 @@ def _export(name: str, st_model: Any, folder: Path, cache: Path, model_name: str
             if not (fp32 / "quality.json").is_file():
                 _export("openvino", st_model, fp32, cache, model_name, model_path, "any", max_len)
             export_openvino_int8(fp32 / "model.xml", scratch / "model.xml", st_model, max_len)
-        meta = {"model": model_name, "backend": name, "isa": isa, "export_version": EXPORT_VERSION,
-                "export_seconds": round(time.perf_counter() - started, 1)}
+        meta = {
+            "model": model_name,
+            "backend": name,
+            "isa": isa,
+            "export_version": EXPORT_VERSION,
+            "export_seconds": round(time.perf_counter() - started, 1),
+        }
         (scratch / "quality.json").write_text(json.dumps(meta, indent=2))
         try:
             scratch.rename(folder)

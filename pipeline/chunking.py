@@ -48,7 +48,10 @@ class Chunker:
         if not text.strip():
             return []
         enc = self.tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+            text,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
             verbose=False,
         )
         offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
@@ -57,8 +60,13 @@ class Chunker:
             return []
         # a token may start a chunk only if it starts a word: re-tokenizing the substring then
         # yields the very same tokens, so the count below is exact
-        word_start = [i == 0 or offsets[i][0] > offsets[i - 1][1] or self._is_punct(text, offsets[i])
-                      or self._is_punct(text, offsets[i - 1]) for i in range(n)]
+        word_start = [
+            i == 0
+            or offsets[i][0] > offsets[i - 1][1]
+            or self._is_punct(text, offsets[i])
+            or self._is_punct(text, offsets[i - 1])
+            for i in range(n)
+        ]
         chunks: list[Chunk] = []
         start = 0
         while start < n:
@@ -84,26 +92,24 @@ class Chunker:
         return chunks
 
     def _count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)[
-            "input_ids"
-        ])
+        return len(
+            self.tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        )
 
     @staticmethod
     def _is_punct(text: str, span: tuple[int, int]) -> bool:
-        piece = text[span[0]:span[1]]
+        piece = text[span[0] : span[1]]
         return len(piece) == 1 and not piece.isalnum()
 
-    def _best_cut(
-        self, text: str, offsets: list[tuple[int, int]], word_start: list[bool], start: int, end: int
-    ) -> int:
+    def _best_cut(self, text: str, offsets: list[tuple[int, int]], word_start: list[bool], start: int, end: int) -> int:
         """Largest cut in (start, end] at a sentence end in the window's last half, else at a word start."""
         floor = start + max(1, (end - start) // 2)
         for cut in range(end, floor - 1, -1):
-            if word_start[cut] and text[offsets[cut - 1][0]:offsets[cut - 1][1]].endswith(_SENTENCE_END):
+            if word_start[cut] and text[offsets[cut - 1][0] : offsets[cut - 1][1]].endswith(_SENTENCE_END):
                 return cut
         # sentence ends are also visible as a newline between two tokens
         for cut in range(end, floor - 1, -1):
-            if word_start[cut] and "\n" in text[offsets[cut - 1][1]:offsets[cut][0]]:
+            if word_start[cut] and "\n" in text[offsets[cut - 1][1] : offsets[cut][0]]:
                 return cut
         for cut in range(end, start, -1):
             if word_start[cut]:

@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run the ingest agent against the Kafka and Qdrant named in settings")
 
     demo = sub.add_parser("demo", help="start an embedded broker and Qdrant Edge, index this project's docs")
-    demo.add_argument("--data-dir", default=".vectorstream/demo",
-                      help="where Qdrant Edge persists (default %(default)s)")
+    demo.add_argument(
+        "--data-dir", default=".vectorstream/demo", help="where Qdrant Edge persists (default %(default)s)"
+    )
     demo.add_argument("--tenant", default="demo")
     demo.add_argument("--source", default=".", help="folder whose Markdown files are the corpus (default: here)")
 
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--private-key", help="sign with this PEM private key (RS256) instead of the HS256 secret")
 
     recall = sub.add_parser("recall", help="recall@k and latency of HNSW at several ef values against exact search")
-    recall.add_argument("--queries", help="JSON lines (\"text\" field) or plain lines of real question texts; "
-                                          "default: sample stored vectors")
+    recall.add_argument(
+        "--queries",
+        help='JSON lines ("text" field) or plain lines of real question texts; default: sample stored vectors',
+    )
     recall.add_argument("--tenant", action="append", help="tenant(s) to search (repeatable; required with --queries)")
     recall.add_argument("--user", help="also apply this user's access rule (with --group)")
     recall.add_argument("--group", action="append")
@@ -54,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     recall.add_argument("--ef", default="16,32,64,128,256,512", help="comma-separated ef values (default %(default)s)")
     recall.add_argument("--seed", type=int, default=0)
 
-    sub.add_parser("check", help="compare the newest version of every document in the documents topic with "
-                                 "what the store holds; exit 1 on missing, stale, extra or duplicated chunks")
+    sub.add_parser(
+        "check",
+        help="compare the newest version of every document in the documents topic with "
+        "what the store holds; exit 1 on missing, stale, extra or duplicated chunks",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "worker":
@@ -71,16 +77,35 @@ def main(argv: list[str] | None = None) -> int:
 
         from pipeline.client import run_query_command
 
-        return asyncio.run(run_query_command(
-            args.text, tenant=args.tenant, token=args.token, user=args.user, groups=args.group, top_k=args.top_k,
-            filter_json=args.filter, hnsw_ef=args.ef, exact=args.exact, with_text=not args.no_text, wait=args.timeout,
-        ))
+        return asyncio.run(
+            run_query_command(
+                args.text,
+                tenant=args.tenant,
+                token=args.token,
+                user=args.user,
+                groups=args.group,
+                top_k=args.top_k,
+                filter_json=args.filter,
+                hnsw_ef=args.ef,
+                exact=args.exact,
+                with_text=not args.no_text,
+                wait=args.timeout,
+            )
+        )
     if args.command == "token":
         from pipeline.auth import mint_token
         from pipeline.settings import Settings
 
-        print(mint_token(Settings().query, tenant=args.tenant, user=args.user, groups=args.group or [],
-                         ttl_seconds=args.ttl, private_key=args.private_key))
+        print(
+            mint_token(
+                Settings().query,
+                tenant=args.tenant,
+                user=args.user,
+                groups=args.group or [],
+                ttl_seconds=args.ttl,
+                private_key=args.private_key,
+            )
+        )
         return 0
     if args.command == "recall":
         from pipeline.recall import main as recall_main

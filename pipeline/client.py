@@ -31,12 +31,16 @@ from schemas.queries import (
 class DocumentPublisher:
     """Publishes document events keyed ``tenant_id/doc_id``, so one document's events stay in order."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, max_request_size: int = 8 * 1024 * 1024,
-                 **producer_options: object) -> None:
+    def __init__(
+        self, bootstrap_servers: str, topic: str, *, max_request_size: int = 8 * 1024 * 1024, **producer_options: object
+    ) -> None:
         self.topic = topic
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5,
-            max_request_size=max_request_size, **producer_options,
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            linger_ms=5,
+            max_request_size=max_request_size,
+            **producer_options,
         )
 
     async def __aenter__(self) -> DocumentPublisher:
@@ -60,8 +64,9 @@ class DocumentPublisher:
     async def tombstone(self, tenant_id: str, doc_id: str) -> None:
         await self._producer.send(self.topic, None, key=document_key(tenant_id, doc_id).encode())
 
-    async def send_raw(self, key: bytes | None, value: bytes | None,
-                       headers: list[tuple[str, bytes]] | None = None) -> None:
+    async def send_raw(
+        self, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
         """Publish bytes as they are (tests and tools that need to send bad input on purpose)."""
         await self._producer.send(self.topic, value, key=key, headers=headers)
 
@@ -109,8 +114,13 @@ class QueryClient:
         self.token = token
         self.startup_timeout = startup_timeout
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=0, **client_options)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
-                                          enable_auto_commit=False, fetch_max_wait_ms=20, **client_options)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+            **client_options,
+        )
         self._waiting: dict[str, asyncio.Future[QueryResult | QueryFailure]] = {}
         self._reader: asyncio.Task[None] | None = None
         #: replies read per request id of this client (a value above 1 is a duplicate reply)
@@ -180,24 +190,37 @@ class QueryClient:
 
     # --- the API ------------------------------------------------------------------------------------------
 
-    def new_request(self, query: str, *, tenant: str | None = None, token: str | None = None, top_k: int = 10,
-                    filter: Mapping[str, Any] | None = None, hnsw_ef: int | None = None, exact: bool = False,
-                    with_text: bool = True, with_metadata: bool = True, timeout: float = 10.0,
-                    request_id: str | None = None) -> QueryRequest:
+    def new_request(
+        self,
+        query: str,
+        *,
+        tenant: str | None = None,
+        token: str | None = None,
+        top_k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+        with_text: bool = True,
+        with_metadata: bool = True,
+        timeout: float = 10.0,
+        request_id: str | None = None,
+    ) -> QueryRequest:
         search = {"hnsw_ef": hnsw_ef, "exact": exact} if (hnsw_ef is not None or exact) else None
-        return QueryRequest.model_validate({
-            "request_id": request_id or uuid.uuid4().hex,
-            "tenant_id": tenant or self.tenant,
-            "token": token if token is not None else self.token,
-            "query": query,
-            "top_k": top_k,
-            "filter": dict(filter) if filter is not None else None,
-            "search": search,
-            "with_text": with_text,
-            "with_metadata": with_metadata,
-            "reply_topic": self.replies_topic,
-            "deadline_ms": int((time.time() + timeout) * 1000),
-        })
+        return QueryRequest.model_validate(
+            {
+                "request_id": request_id or uuid.uuid4().hex,
+                "tenant_id": tenant or self.tenant,
+                "token": token if token is not None else self.token,
+                "query": query,
+                "top_k": top_k,
+                "filter": dict(filter) if filter is not None else None,
+                "search": search,
+                "with_text": with_text,
+                "with_metadata": with_metadata,
+                "reply_topic": self.replies_topic,
+                "deadline_ms": int((time.time() + timeout) * 1000),
+            }
+        )
 
     async def request(
         self,
@@ -269,7 +292,7 @@ def hits_table(result: QueryResult, *, width: int | None = None) -> str:
     for i, hit in enumerate(result.hits, 1):
         title, text = " ".join(hit.title.split()), " ".join((hit.text or "").split())
         if title and text.startswith(title):  # a chunk's text starts with its document's title
-            text = text[len(title):].lstrip(" .:|-")
+            text = text[len(title) :].lstrip(" .:|-")
         rows.append((str(i), f"{hit.score:.3f}", hit.doc_id, str(hit.chunk_index), title, text))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     widths[2] = min(widths[2], 30)
@@ -277,8 +300,14 @@ def hits_table(result: QueryResult, *, width: int | None = None) -> str:
     rest = max(width - sum(widths) - 2 * 5, 16)
     lines = []
     for r in rows:
-        cells = [r[0].rjust(widths[0]), r[1].rjust(widths[1]), _clip(r[2], widths[2]).ljust(widths[2]),
-                 r[3].rjust(widths[3]), _clip(r[4], widths[4]).ljust(widths[4]), _clip(r[5], rest)]
+        cells = [
+            r[0].rjust(widths[0]),
+            r[1].rjust(widths[1]),
+            _clip(r[2], widths[2]).ljust(widths[2]),
+            r[3].rjust(widths[3]),
+            _clip(r[4], widths[4]).ljust(widths[4]),
+            _clip(r[5], rest),
+        ]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * min(width, max(len(line) for line in lines)))
     if not result.hits:
@@ -290,10 +319,20 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: max(n - 1, 0)] + "…"
 
 
-async def run_query_command(query: str, *, tenant: str, token: str | None = None, user: str = "cli",
-                            groups: list[str] | None = None, top_k: int = 10, filter_json: str | None = None,
-                            hnsw_ef: int | None = None, exact: bool = False, with_text: bool = True,
-                            wait: float = 30.0) -> int:
+async def run_query_command(
+    query: str,
+    *,
+    tenant: str,
+    token: str | None = None,
+    user: str = "cli",
+    groups: list[str] | None = None,
+    top_k: int = 10,
+    filter_json: str | None = None,
+    hnsw_ef: int | None = None,
+    exact: bool = False,
+    with_text: bool = True,
+    wait: float = 30.0,
+) -> int:
     """``vectorstream query``: ask one question over Kafka and print the hits as a table."""
     import json
     import sys
@@ -306,11 +345,18 @@ async def run_query_command(query: str, *, tenant: str, token: str | None = None
     if token is None:  # a development token for the tenant, signed with the configured secret
         token = mint_token(settings.query, tenant=tenant, user=user, groups=groups or [])
     flt = json.loads(filter_json) if filter_json else None
-    async with QueryClient(k.bootstrap_servers, queries_topic=k.queries_topic, replies_topic=k.replies_topic,
-                           tenant=tenant, token=token, startup_timeout=min(wait, 30.0)) as client:
+    async with QueryClient(
+        k.bootstrap_servers,
+        queries_topic=k.queries_topic,
+        replies_topic=k.replies_topic,
+        tenant=tenant,
+        token=token,
+        startup_timeout=min(wait, 30.0),
+    ) as client:
         try:
-            result = await client.ask(query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact,
-                                      with_text=with_text, timeout=wait)
+            result = await client.ask(
+                query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact, with_text=with_text, timeout=wait
+            )
         except QueryFailed as exc:
             print(f"error {exc.code.value}: {exc.reply.error.message}", file=sys.stderr)
             return 1
@@ -338,9 +384,15 @@ async def read_records(
     by partition, each partition in offset order (what :func:`pipeline.consistency.expected_state` needs).
     Raises LookupError when the topic does not exist and TimeoutError when reading takes over ``timeout``.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_bytes=64 * 1024 * 1024,
-                                max_partition_fetch_bytes=16 * 1024 * 1024, **client_options)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        **client_options,
+    )
     await consumer.start()
     try:
         async with asyncio.timeout(timeout):
@@ -360,11 +412,17 @@ async def read_records(
                 for tp, messages in batch.items():
                     for msg in messages:
                         if msg.offset < ends[tp]:
-                            by_partition[tp.partition].append(Record(
-                                topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-                                value=msg.value, timestamp_ms=msg.timestamp,
-                                headers=tuple((k, bytes(v or b"")) for k, v in (msg.headers or ())),
-                            ))
+                            by_partition[tp.partition].append(
+                                Record(
+                                    topic=msg.topic,
+                                    partition=msg.partition,
+                                    offset=msg.offset,
+                                    key=msg.key,
+                                    value=msg.value,
+                                    timestamp_ms=msg.timestamp,
+                                    headers=tuple((k, bytes(v or b"")) for k, v in (msg.headers or ())),
+                                )
+                            )
                 pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
     finally:
         await consumer.stop()

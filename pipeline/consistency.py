@@ -44,13 +44,16 @@ class ConsistencyReport:
 
     def summary(self) -> str:
         verdict = "consistent" if self.ok else "INCONSISTENT"
-        return (f"{verdict}: {self.events} events ({self.dead_letters} dead letters), {self.documents} live documents, "
-                f"{self.expected_chunks} chunks expected, {self.stored_chunks} stored; missing {self.missing}, "
-                f"stale {self.stale}, extra {self.extra}, duplicated {self.duplicated}")
+        return (
+            f"{verdict}: {self.events} events ({self.dead_letters} dead letters), {self.documents} live documents, "
+            f"{self.expected_chunks} chunks expected, {self.stored_chunks} stored; missing {self.missing}, "
+            f"stale {self.stale}, extra {self.extra}, duplicated {self.duplicated}"
+        )
 
 
-def expected_state(records: Iterable[Record], chunker: Chunker, settings: Settings) -> tuple[dict[DocKey, ExpectedDoc],
-                                                                                              int, int]:
+def expected_state(
+    records: Iterable[Record], chunker: Chunker, settings: Settings
+) -> tuple[dict[DocKey, ExpectedDoc], int, int]:
     """Replay the topic with the ingest rules (same decoder, same ``resolve``): the newest state per document.
 
     Records must come in offset order per partition; one document's records all sit in one partition.
@@ -77,8 +80,14 @@ def expected_state(records: Iterable[Record], chunker: Chunker, settings: Settin
     return expected, n, bad
 
 
-async def check_store(store: VectorStore, expected: dict[DocKey, ExpectedDoc], *, events: int = 0,
-                      dead_letters: int = 0, max_examples: int = 10) -> ConsistencyReport:
+async def check_store(
+    store: VectorStore,
+    expected: dict[DocKey, ExpectedDoc],
+    *,
+    events: int = 0,
+    dead_letters: int = 0,
+    max_examples: int = 10,
+) -> ConsistencyReport:
     """Compare every stored chunk with the expected state."""
     report = ConsistencyReport(events=events, dead_letters=dead_letters)
     stored = await store.scroll(None, limit=10_000_000)
@@ -118,8 +127,9 @@ async def check_store(store: VectorStore, expected: dict[DocKey, ExpectedDoc], *
     return report
 
 
-async def check_topic(settings: Settings, chunker: Chunker, *, model: str, dim: int,
-                      progress: Callable[[str], None] | None = None) -> ConsistencyReport:
+async def check_topic(
+    settings: Settings, chunker: Chunker, *, model: str, dim: int, progress: Callable[[str], None] | None = None
+) -> ConsistencyReport:
     """Read the documents topic from its beginning to its end offsets and check the store named in ``settings``
     against it. The store must not be open elsewhere (Qdrant Edge and qdrant-client local mode lock their folder)."""
     from pipeline.client import read_records
@@ -156,14 +166,14 @@ def run_check_command(settings: Settings | None = None) -> int:
     say("loading the model's tokenizer (chunks are cut exactly as the worker cuts them)")
     embedder = Embedder(settings)
     try:
-        report = asyncio.run(check_topic(settings, embedder.chunker(), model=embedder.name, dim=embedder.dim,
-                                         progress=say))
+        report = asyncio.run(
+            check_topic(settings, embedder.chunker(), model=embedder.name, dim=embedder.dim, progress=say)
+        )
     except LookupError as exc:
         print(f"cannot check: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailableError as exc:
-        print(f"cannot check: {exc} (is a worker still using this Qdrant Edge folder? stop it first)",
-              file=sys.stderr)
+        print(f"cannot check: {exc} (is a worker still using this Qdrant Edge folder? stop it first)", file=sys.stderr)
         return 2
     except VectorstreamError as exc:
         print(f"cannot check: {exc}", file=sys.stderr)

@@ -130,7 +130,8 @@ def decode_record(record: Record, *, max_bytes: int, max_depth: int) -> Decoded:
 
     if key_text != event.key:
         return Rejected(
-            R.KEY_MISMATCH, S.VALIDATE,
+            R.KEY_MISMATCH,
+            S.VALIDATE,
             f"record key {key_text!r} does not match the event's '{event.key}' (key must be tenant_id/doc_id)",
         )
     if isinstance(event, DocumentUpsert) and not event.text.strip():

@@ -72,8 +72,18 @@ def demo_corpus(source: Path, tenant: str, version: int) -> list[DocumentUpsert]
         ops_only = "deploy" in doc_id or "RELIABILITY" in doc_id
         access = AccessControl(public=not ops_only, groups=["ops"] if ops_only else [])
         kind = "module" if doc_id.startswith("module/") else "markdown"
-        events.append(DocumentUpsert(type="upsert", tenant_id=tenant, doc_id=doc_id[:256], version=version,
-                                     title=title, text=text, metadata={"kind": kind}, access=access))
+        events.append(
+            DocumentUpsert(
+                type="upsert",
+                tenant_id=tenant,
+                doc_id=doc_id[:256],
+                version=version,
+                title=title,
+                text=text,
+                metadata={"kind": kind},
+                access=access,
+            )
+        )
     return events
 
 
@@ -131,8 +141,9 @@ def run_demo(data_dir: str, tenant: str, source: str) -> int:
         log_path = data / "worker.log"
         print(f"broker: Tansu at {broker.bootstrap_servers}; worker log: {log_path}")
         with open(log_path, "w") as log_file:
-            worker = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"], env=env,
-                                      stdout=log_file, stderr=subprocess.STDOUT)
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         try:
             from pipeline.settings import Settings
 
@@ -189,10 +200,13 @@ async def _ask(bootstrap: str, settings: Any, tenant: str) -> None:
 
     k = settings.kafka
     token = mint_token(settings.query, tenant=tenant, user="demo-user", groups=["ops"])
-    print(f"\nasking {len(DEMO_QUESTIONS)} questions through topic {k.queries_topic!r} "
-          f"as user 'demo-user' (group 'ops') of tenant {tenant!r}")
-    async with QueryClient(bootstrap, queries_topic=k.queries_topic, replies_topic=k.replies_topic,
-                           tenant=tenant, token=token) as client:
+    print(
+        f"\nasking {len(DEMO_QUESTIONS)} questions through topic {k.queries_topic!r} "
+        f"as user 'demo-user' (group 'ops') of tenant {tenant!r}"
+    )
+    async with QueryClient(
+        bootstrap, queries_topic=k.queries_topic, replies_topic=k.replies_topic, tenant=tenant, token=token
+    ) as client:
         for question in DEMO_QUESTIONS:
             print(f"\nQ: {question}")
             try:
@@ -221,8 +235,10 @@ async def _summarize(data: Path, tenant: str, n_events: int) -> int:
         hits = await store.scroll(tenant_filter, limit=100_000)
         docs = {h.payload[DOC] for h in hits}
         print()
-        print(f"indexed: {len(docs)} documents of tenant {tenant!r} as {chunks} chunks "
-              f"({info.model}, {info.dim} dimensions, cosine, HNSW)")
+        print(
+            f"indexed: {len(docs)} documents of tenant {tenant!r} as {chunks} chunks "
+            f"({info.model}, {info.dim} dimensions, cosine, HNSW)"
+        )
         print(f"where:   Qdrant Edge shard at {data / 'qdrant-edge'} (collection {settings.store.collection!r})")
         print(f"events:  {n_events} published; re-running the demo re-publishes them with a newer version,")
         print("         and unchanged chunks reuse their stored vectors")

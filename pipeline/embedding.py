@@ -77,8 +77,15 @@ class Embedder:
         self.batch_token_budget = settings.model.batch_token_budget
         self.backend, self.quality = self._load_backend(latency=False)
         self.backend_label: str = self.backend.label
-        log.info("loaded model %s on %s (dim %d, max_seq_length %d, %d threads, mean cosine to fp32 %.4f)",
-                 self.name, self.backend_label, self.dim, self.max_seq_length, threads, self.quality["mean_cosine"])
+        log.info(
+            "loaded model %s on %s (dim %d, max_seq_length %d, %d threads, mean cosine to fp32 %.4f)",
+            self.name,
+            self.backend_label,
+            self.dim,
+            self.max_seq_length,
+            threads,
+            self.quality["mean_cosine"],
+        )
 
     def chunker(self) -> Chunker:
         """A chunker whose windows fit this model: chunk_tokens capped by max_seq_length less specials."""
@@ -103,9 +110,15 @@ class Embedder:
     def _load_backend(self, *, latency: bool) -> tuple[Backend, dict[str, Any]]:
         cfg = self.settings.model
         return load_backend(
-            cfg.backend, self.model, model_name=self.name, model_path=self.settings.model_path,
-            threads=self._threads, cache_dir=cfg.cache_dir, min_cosine=cfg.min_mean_cosine,
-            force=cfg.force_backend, latency=latency,
+            cfg.backend,
+            self.model,
+            model_name=self.name,
+            model_path=self.settings.model_path,
+            threads=self._threads,
+            cache_dir=cfg.cache_dir,
+            min_cosine=cfg.min_mean_cosine,
+            force=cfg.force_backend,
+            latency=latency,
         )
 
     def _encode_with(self, backend: Backend, texts: Sequence[str], lengths: Sequence[int] | None) -> np.ndarray:
@@ -132,8 +145,9 @@ class Embedder:
     async def encode(self, texts: Sequence[str], lengths: Sequence[int] | None = None) -> np.ndarray:
         """Encode off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.encode_sync, list(texts),
-                                          None if lengths is None else list(lengths))
+        return await loop.run_in_executor(
+            self._executor, self.encode_sync, list(texts), None if lengths is None else list(lengths)
+        )
 
     async def encode_query(self, texts: Sequence[str]) -> np.ndarray:
         """Encode query texts off the event loop, on the query lane (never queued behind ingest)."""

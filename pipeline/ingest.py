@@ -258,26 +258,34 @@ class IngestService:
                     if isinstance(exc, VectorstreamError) and not exc.retriable:
                         raise
                     if self.stopping:
-                        raise ShutdownRequested("stopping while waiting for a dependency; the batch is "
-                                                "given back uncommitted") from exc
+                        raise ShutdownRequested(
+                            "stopping while waiting for a dependency; the batch is given back uncommitted"
+                        ) from exc
                     reason = exc.reason if isinstance(exc, VectorstreamError) else "unexpected"
                     m.RETRIES.labels(reason=reason).inc()
                     m.PAUSED.set(1)
                     self.paused = True
                     report.retries += 1
-                    log.warning("ingest paused (%s: %s); retrying in %.1fs", reason, exc, delay,
-                                exc_info=not isinstance(exc, VectorstreamError))
+                    log.warning(
+                        "ingest paused (%s: %s); retrying in %.1fs",
+                        reason,
+                        exc,
+                        delay,
+                        exc_info=not isinstance(exc, VectorstreamError),
+                    )
                     await self._sleep(delay * (0.8 + 0.4 * random.random()))
                     if self.stopping:
-                        raise ShutdownRequested("stopping while waiting for a dependency; the batch is "
-                                                "given back uncommitted") from exc
+                        raise ShutdownRequested(
+                            "stopping while waiting for a dependency; the batch is given back uncommitted"
+                        ) from exc
                     delay = min(delay * 2, cfg.retry_max_seconds)
         finally:
             m.PAUSED.set(0)
             self.paused = False
 
-    async def _dead_letter(self, record: Record, rejected: Rejected, report: BatchReport, *,
-                           check_breaker: bool = True) -> None:
+    async def _dead_letter(
+        self, record: Record, rejected: Rejected, report: BatchReport, *, check_breaker: bool = True
+    ) -> None:
         limit = self.settings.ingest.breaker_consecutive_failures
         if check_breaker and limit and self.consecutive_failures >= limit:
             m.BREAKER_OPEN.set(1)
@@ -293,8 +301,14 @@ class IngestService:
         m.EVENTS.labels(outcome="dead_lettered").inc()
         report.dead_lettered += 1
         report.reasons[rejected.reason.value] = report.reasons.get(rejected.reason.value, 0) + 1
-        log.info("dead-lettered %s[%d]@%d: %s (%s)", record.topic, record.partition, record.offset,
-                 rejected.reason.value, rejected.message)
+        log.info(
+            "dead-lettered %s[%d]@%d: %s (%s)",
+            record.topic,
+            record.partition,
+            record.offset,
+            rejected.reason.value,
+            rejected.message,
+        )
 
     # --- applying a batch -----------------------------------------------------------------------------------
 
@@ -377,8 +391,12 @@ class IngestService:
                 kept = []
                 for op in ops:
                     if op.key in failed_keys:
-                        rejected.append((op, Rejected(DeadLetterReason.EMBEDDING_FAILED, DeadLetterStage.EMBED,
-                                                      failed_keys[op.key])))
+                        rejected.append(
+                            (
+                                op,
+                                Rejected(DeadLetterReason.EMBEDDING_FAILED, DeadLetterStage.EMBED, failed_keys[op.key]),
+                            )
+                        )
                     else:
                         kept.append(op)
                 ops = kept
@@ -389,14 +407,16 @@ class IngestService:
             ev = op.event
             assert isinstance(ev, DocumentUpsert)
             for chunk in self._chunks[op.key]:
-                points.append(ChunkPoint(
-                    chunk_point_id(ev.tenant_id, ev.doc_id, chunk.index),
-                    vectors[(op.key, chunk.index)].tolist(),
-                    chunk_payload(ev, chunk, model),
-                ))
+                points.append(
+                    ChunkPoint(
+                        chunk_point_id(ev.tenant_id, ev.doc_id, chunk.index),
+                        vectors[(op.key, chunk.index)].tolist(),
+                        chunk_payload(ev, chunk, model),
+                    )
+                )
         started = time.perf_counter()
         for i in range(0, len(points), self.upsert_batch_points):
-            await self.store.upsert_chunks(points[i:i + self.upsert_batch_points])
+            await self.store.upsert_chunks(points[i : i + self.upsert_batch_points])
         m.UPSERT_SECONDS.observe(time.perf_counter() - started)
         self.unindexed_points += len(points)
         self.last_write = time.monotonic()
@@ -411,10 +431,12 @@ class IngestService:
         if not ops:
             return set()
         limit = 10_000
-        flt = Filter(should=tuple(
-            Filter(must=(Match(TENANT, op.key[0]), Match(DOC, op.key[1]), Range(VERSION, lt=op.version)))
-            for op in ops
-        ))
+        flt = Filter(
+            should=tuple(
+                Filter(must=(Match(TENANT, op.key[0]), Match(DOC, op.key[1]), Range(VERSION, lt=op.version)))
+                for op in ops
+            )
+        )
         hits = await self.store.scroll(flt, limit=limit)
         if len(hits) >= limit:
             return {op.key for op in ops}

@@ -14,7 +14,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
 
 EVENTS = Counter(
-    "vectorstream_events_total", "Document events consumed, by outcome",
+    "vectorstream_events_total",
+    "Document events consumed, by outcome",
     ["outcome"],  # indexed | deleted | ignored_stale | dead_lettered
 )
 DEAD_LETTERS = Counter("vectorstream_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
@@ -25,11 +26,13 @@ EMBED_BATCH_SECONDS = Histogram(
 )
 EMBED_TOKENS = Counter("vectorstream_embedding_tokens_total", "Tokens embedded (rate() gives tokens per second)")
 UPSERT_SECONDS = Histogram(
-    "vectorstream_upsert_duration_seconds", "Time for the store to confirm one batch of writes",
+    "vectorstream_upsert_duration_seconds",
+    "Time for the store to confirm one batch of writes",
     buckets=_LATENCY_BUCKETS,
 )
 FRESHNESS_SECONDS = Histogram(
-    "vectorstream_freshness_seconds", "From an event's Kafka timestamp to the moment it is searchable",
+    "vectorstream_freshness_seconds",
+    "From an event's Kafka timestamp to the moment it is searchable",
     buckets=_FRESHNESS_BUCKETS,
 )
 RETRIES = Counter("vectorstream_ingest_retries_total", "Transient failures retried, by reason", ["reason"])
@@ -44,18 +47,21 @@ BUILD_INFO = Info("vectorstream_build", "Version, model and store backend of thi
 
 # --- consumption ----------------------------------------------------------------------------------------------
 CONSUMER_LAG = Gauge(
-    "vectorstream_consumer_lag_messages", "Messages behind the end of each assigned documents partition",
+    "vectorstream_consumer_lag_messages",
+    "Messages behind the end of each assigned documents partition",
     ["partition"],
 )
 INDEX_BUILDS = Counter("vectorstream_index_builds_total", "HNSW index builds (optimize) run by the worker")
 INDEX_BUILD_SECONDS = Histogram(
-    "vectorstream_index_build_duration_seconds", "Time to build or extend the HNSW index",
+    "vectorstream_index_build_duration_seconds",
+    "Time to build or extend the HNSW index",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
 
 # --- queries ------------------------------------------------------------------------------------------------
 QUERY_SECONDS = Histogram(
-    "vectorstream_query_duration_seconds", "From a request's arrival to its reply being produced, by outcome",
+    "vectorstream_query_duration_seconds",
+    "From a request's arrival to its reply being produced, by outcome",
     ["outcome"],  # ok | error
     buckets=_LATENCY_BUCKETS,
 )
@@ -63,7 +69,8 @@ QUERY_ERRORS = Counter("vectorstream_query_errors_total", "Query error replies, 
 QUERIES_EXPIRED = Counter("vectorstream_queries_expired_total", "Requests dropped because their deadline had passed")
 QUERY_IN_FLIGHT = Gauge("vectorstream_queries_in_flight", "Queries being served right now")
 QUERY_EMBED_BATCH = Histogram(
-    "vectorstream_query_embedding_batch_size", "Query texts embedded together in one micro-batch",
+    "vectorstream_query_embedding_batch_size",
+    "Query texts embedded together in one micro-batch",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 RECALL = Gauge("vectorstream_recall_at_k", "Online recall@k of HNSW against exact search (sampled queries)")

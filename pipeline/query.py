@@ -203,8 +203,9 @@ class QueryService:
         self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
         self._admitted = 0
         self._limit = self.cfg.max_concurrency + self.cfg.max_queue
-        self._batcher = MicroBatcher(embedder.encode_query, window=self.cfg.batch_window_ms / 1000,
-                                     max_batch=self.cfg.max_batch)
+        self._batcher = MicroBatcher(
+            embedder.encode_query, window=self.cfg.batch_window_ms / 1000, max_batch=self.cfg.max_batch
+        )
         self._recall: collections.deque[float] = collections.deque(maxlen=self.cfg.recall_window)
         self._sampling: asyncio.Task[None] | None = None
 
@@ -227,8 +228,11 @@ class QueryService:
 
         if value is None or len(value) > self.cfg.max_request_bytes:
             size = "no value" if value is None else f"{len(value)} bytes, limit {self.cfg.max_request_bytes}"
-            return error(ErrorCode.BAD_REQUEST, f"request is empty or too large ({size})",
-                         self._reply_topic(salvaged.get("reply_topic")) or default_topic)
+            return error(
+                ErrorCode.BAD_REQUEST,
+                f"request is empty or too large ({size})",
+                self._reply_topic(salvaged.get("reply_topic")) or default_topic,
+            )
         try:
             req = QueryRequest.model_validate_json(value)
         except ValidationError as exc:
@@ -247,18 +251,22 @@ class QueryService:
         topic = self._reply_topic(req.reply_topic)
         if topic is None:
             allowed = self.settings.kafka.replies_topic
-            return error(ErrorCode.BAD_REQUEST,
-                         f"reply_topic {req.reply_topic!r} is not allowed: use {allowed!r} or '{allowed}.<suffix>'")
+            return error(
+                ErrorCode.BAD_REQUEST,
+                f"reply_topic {req.reply_topic!r} is not allowed: use {allowed!r} or '{allowed}.<suffix>'",
+            )
         try:
             principal = self.verifier.verify(req.token)
         except AuthError as exc:
             return error(exc.code, str(exc), topic)
         if principal.tenant_id != req.tenant_id:
-            return error(ErrorCode.TENANT_MISMATCH,
-                         f"the token is for another tenant than the request's {req.tenant_id!r}", topic)
+            return error(
+                ErrorCode.TENANT_MISMATCH,
+                f"the token is for another tenant than the request's {req.tenant_id!r}",
+                topic,
+            )
         if req.top_k > self.cfg.max_top_k:
-            return error(ErrorCode.TOP_K_TOO_LARGE, f"top_k {req.top_k} is above the limit {self.cfg.max_top_k}",
-                         topic)
+            return error(ErrorCode.TOP_K_TOO_LARGE, f"top_k {req.top_k} is above the limit {self.cfg.max_top_k}", topic)
         try:
             flt = search_filter(principal, caller_filter(req.filter))
         except FilterError as exc:
@@ -268,15 +276,19 @@ class QueryService:
         if ef > self.cfg.max_hnsw_ef:
             return error(ErrorCode.BAD_REQUEST, f"hnsw_ef {ef} is above the limit {self.cfg.max_hnsw_ef}", topic)
         if self._admitted >= self._limit:
-            return error(ErrorCode.OVERLOADED,
-                         f"{self._admitted} queries are running or waiting (limit {self._limit}); retry later", topic)
+            return error(
+                ErrorCode.OVERLOADED,
+                f"{self._admitted} queries are running or waiting (limit {self._limit}); retry later",
+                topic,
+            )
         self._admitted += 1
         m.QUERY_IN_FLIGHT.inc()
         return Admitted(req, principal, flt, ef, arrived)
 
     def _expired(self, deadline_ms: Any) -> bool:
-        return isinstance(deadline_ms, int) and not isinstance(deadline_ms, bool) and \
-            deadline_ms <= self._clock() * 1000
+        return (
+            isinstance(deadline_ms, int) and not isinstance(deadline_ms, bool) and deadline_ms <= self._clock() * 1000
+        )
 
     def _reply_topic(self, topic: Any) -> str | None:
         """The topic to reply to, if the server may write there: its replies topic or ``<replies topic>.*``."""
@@ -300,8 +312,9 @@ class QueryService:
                     async with self._slots:
                         vector = await self._batcher.embed(req.query)
                         exact = bool(req.search and req.search.exact)
-                        hits = await self.store.search(vector, flt=job.flt, limit=req.top_k, hnsw_ef=job.hnsw_ef,
-                                                       exact=exact)
+                        hits = await self.store.search(
+                            vector, flt=job.flt, limit=req.top_k, hnsw_ef=job.hnsw_ef, exact=exact
+                        )
                         if not exact and len(hits) < req.top_k:
                             # fewer hits than asked: few chunks pass the filter, and filtered HNSW can miss
                             # some of them (the graph among them is sparse); exact search over so few is cheap
@@ -313,8 +326,12 @@ class QueryService:
                     model=self.embedder.name,
                 )
             except TimeoutError:
-                body = failure(req.request_id, ErrorCode.DEADLINE_EXCEEDED,
-                               "the deadline passed before the search finished", _ms_since(job.arrived))
+                body = failure(
+                    req.request_id,
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "the deadline passed before the search finished",
+                    _ms_since(job.arrived),
+                )
             except VectorstreamError as exc:
                 code = ErrorCode.UNAVAILABLE if exc.retriable else ErrorCode.INTERNAL
                 log.warning("query %s failed: %s", req.request_id, exc)

@@ -54,8 +54,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-async def measure(store: VectorStore, cases: Sequence[Case], *, k: int = 10, efs: Sequence[int] = DEFAULT_EFS,
-                  progress: bool = True) -> list[Row]:
+async def measure(
+    store: VectorStore, cases: Sequence[Case], *, k: int = 10, efs: Sequence[int] = DEFAULT_EFS, progress: bool = True
+) -> list[Row]:
     """Run every case exactly once for the truth, then with HNSW at each ef; one row per ef plus one for exact."""
     from tqdm import tqdm
 
@@ -84,8 +85,17 @@ async def measure(store: VectorStore, cases: Sequence[Case], *, k: int = 10, efs
                 fallbacks += 1
                 r = 1.0
             served.append(r)
-        rows.append(Row(ef, _mean(recalls), _mean(served), percentile(lat, 50), percentile(lat, 95),
-                        percentile(lat, 99), fallbacks))
+        rows.append(
+            Row(
+                ef,
+                _mean(recalls),
+                _mean(served),
+                percentile(lat, 50),
+                percentile(lat, 95),
+                percentile(lat, 99),
+                fallbacks,
+            )
+        )
     bar.close()
     return rows
 
@@ -142,8 +152,15 @@ def tenant_filter(tenant: str, principal: Principal | None) -> Filter:
     return search_filter(principal)
 
 
-async def sample_cases(store: VectorStore, *, n: int, tenants: Sequence[str] = (), pool: int = 20_000,
-                       principal: Principal | None = None, seed: int = 0) -> list[Case]:
+async def sample_cases(
+    store: VectorStore,
+    *,
+    n: int,
+    tenants: Sequence[str] = (),
+    pool: int = 20_000,
+    principal: Principal | None = None,
+    seed: int = 0,
+) -> list[Case]:
     """``n`` stored vectors as queries, each filtered to its own tenant (or to ``tenants``)."""
     rng = random.Random(seed)
     flt = Filter(should=tuple(Match(TENANT, t) for t in tenants)) if tenants else None
@@ -152,28 +169,50 @@ async def sample_cases(store: VectorStore, *, n: int, tenants: Sequence[str] = (
         raise SystemExit("no stored chunks to sample from")
     chosen = rng.sample(points, min(n, len(points)))
     vectors = await store.get_vectors([p.id for p in chosen])
-    return [Case(vectors[p.id], tenant_filter(str(p.payload[TENANT]), _as(principal, p.payload[TENANT])))
-            for p in chosen if p.id in vectors]
+    return [
+        Case(vectors[p.id], tenant_filter(str(p.payload[TENANT]), _as(principal, p.payload[TENANT])))
+        for p in chosen
+        if p.id in vectors
+    ]
 
 
 def _as(principal: Principal | None, tenant: str) -> Principal | None:
     return None if principal is None else Principal(tenant, principal.user, principal.groups)
 
 
-async def text_cases(store: VectorStore, embedder: object, texts: Sequence[str], *, n: int, tenants: Sequence[str],
-                     principal: Principal | None = None, seed: int = 0) -> list[Case]:
+async def text_cases(
+    store: VectorStore,
+    embedder: object,
+    texts: Sequence[str],
+    *,
+    n: int,
+    tenants: Sequence[str],
+    principal: Principal | None = None,
+    seed: int = 0,
+) -> list[Case]:
     """Real question texts, embedded; each runs against one of ``tenants`` in turn."""
     if not tenants:
         raise SystemExit("--tenant is required with --queries: say which tenants' chunks to search")
     rng = random.Random(seed)
     picked = rng.sample(list(texts), min(n, len(texts)))
     vectors = await embedder.encode(picked)  # type: ignore[attr-defined]
-    return [Case(v, tenant_filter(tenants[i % len(tenants)], _as(principal, tenants[i % len(tenants)])))
-            for i, v in enumerate(vectors)]
+    return [
+        Case(v, tenant_filter(tenants[i % len(tenants)], _as(principal, tenants[i % len(tenants)])))
+        for i, v in enumerate(vectors)
+    ]
 
 
-async def run_recall(*, queries: str | None, n: int, k: int, efs: Sequence[int], tenants: Sequence[str],
-                     user: str | None, groups: Sequence[str], seed: int = 0) -> int:
+async def run_recall(
+    *,
+    queries: str | None,
+    n: int,
+    k: int,
+    efs: Sequence[int],
+    tenants: Sequence[str],
+    user: str | None,
+    groups: Sequence[str],
+    seed: int = 0,
+) -> int:
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
     from pipeline.store import open_store
@@ -185,8 +224,11 @@ async def run_recall(*, queries: str | None, n: int, k: int, efs: Sequence[int],
         info = await store.open(model=embedder.name, dim=embedder.dim)
     except Exception as exc:
         embedder.close()
-        print(f"cannot open the store ({exc}). Qdrant Edge is in-process and locks its folder: stop the worker "
-              "first, or point VECTORSTREAM_STORE__PATH at a copy.", file=sys.stderr)
+        print(
+            f"cannot open the store ({exc}). Qdrant Edge is in-process and locks its folder: stop the worker "
+            "first, or point VECTORSTREAM_STORE__PATH at a copy.",
+            file=sys.stderr,
+        )
         return 2
     principal = Principal("-", user, tuple(groups)) if user else None
     try:
@@ -210,5 +252,15 @@ async def run_recall(*, queries: str | None, n: int, k: int, efs: Sequence[int],
 
 def main(args: argparse.Namespace) -> int:
     efs = tuple(int(x) for x in str(args.ef).split(",") if x.strip())
-    return asyncio.run(run_recall(queries=args.queries, n=args.n, k=args.k, efs=efs, tenants=args.tenant or (),
-                                  user=args.user, groups=args.group or (), seed=args.seed))
+    return asyncio.run(
+        run_recall(
+            queries=args.queries,
+            n=args.n,
+            k=args.k,
+            efs=efs,
+            tenants=args.tenant or (),
+            user=args.user,
+            groups=args.group or (),
+            seed=args.seed,
+        )
+    )

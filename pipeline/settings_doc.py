@@ -63,8 +63,9 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
     return out
 
 
-def settings(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX,
-             path: tuple[str, ...] = ()) -> Iterator[Setting]:
+def settings(
+    model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX, path: tuple[str, ...] = ()
+) -> Iterator[Setting]:
     """Every leaf setting, depth first in declaration order, with the environment variable that sets it."""
     comments = _comments(model)
     for name, info in model.model_fields.items():
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = replace_table(current, table)
     if args.check:
         if wanted != current:
-            print(f"{README.name}'s settings table is stale: run python -m pipeline.settings_doc --write",
-                  file=sys.stderr)
+            print(
+                f"{README.name}'s settings table is stale: run python -m pipeline.settings_doc --write", file=sys.stderr
+            )
             return 1
         return 0
     if wanted != current:

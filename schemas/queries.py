@@ -62,8 +62,10 @@ class AnyCondition(_Strict):
     """``metadata[key]`` equals (or the list contains) any of ``any``."""
 
     key: FilterKey
-    any: Annotated[list[Union[StrictInt, Annotated[str, StringConstraints(max_length=1024)]]],
-                   Field(min_length=1, max_length=MAX_ANY_VALUES)]
+    any: Annotated[
+        list[Union[StrictInt, Annotated[str, StringConstraints(max_length=1024)]]],
+        Field(min_length=1, max_length=MAX_ANY_VALUES),
+    ]
 
 
 class Bounds(_Strict):

@@ -112,8 +112,9 @@ class FaultyStore(VectorStore):
         with_vectors: bool = False,
     ) -> list[Hit]:
         await self._gate("search")
-        return await self.inner.search(vector, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact,
-                                       with_vectors=with_vectors)
+        return await self.inner.search(
+            vector, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact, with_vectors=with_vectors
+        )
 
     async def build_index(self) -> None:
         await self._gate("build_index")

@@ -377,8 +377,11 @@ class QdrantStore(VectorStore):
         if not self.is_local:
             quantization = None
             if self._layout.quantized:  # exact search is the ground truth of recall: original vectors only
-                quantization = (models.QuantizationSearchParams(ignore=True) if exact else
-                                models.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling))
+                quantization = (
+                    models.QuantizationSearchParams(ignore=True)
+                    if exact
+                    else models.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling)
+                )
             params = models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=quantization)
         query = _as_list(vector)
         response = await self._call(

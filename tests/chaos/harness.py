@@ -53,8 +53,9 @@ async def eventually(
     while True:
         for w in workers:
             if w.proc is not None and w.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {w.proc.returncode} while waiting for {what}:\n"
-                                     f"{w.log_tail()}")
+                raise AssertionError(
+                    f"worker exited with {w.proc.returncode} while waiting for {what}:\n{w.log_tail()}"
+                )
         if asyncio.iscoroutinefunction(predicate):
             value = await predicate()
         else:
@@ -75,8 +76,12 @@ def metric(worker: WorkerProcess, prefix: str) -> float:
 async def wait_consuming(worker: WorkerProcess, timeout: float = 300) -> None:  # noqa: ASYNC109
     """Until the worker has been assigned partitions of the documents topic (its lag gauge has a series): from
     then on faust handles SIGTERM; before (loading the model, joining) the signal's default action ends it."""
-    await eventually(lambda: any(k.startswith("vectorstream_consumer_lag_messages{") for k in worker.metrics() or {}),
-                     timeout=timeout, what="partitions assigned", workers=[worker])
+    await eventually(
+        lambda: any(k.startswith("vectorstream_consumer_lag_messages{") for k in worker.metrics() or {}),
+        timeout=timeout,
+        what="partitions assigned",
+        workers=[worker],
+    )
 
 
 def rss_bytes(pid: int) -> int:
@@ -114,14 +119,23 @@ class Scenario:
         self.replies = f"{self.topic}.replies"
         self.store_path = tmp / "edge"
         self.fault_file = tmp / "store-fault"
-        kafka = settings.kafka.model_copy(update={
-            "bootstrap_servers": bootstrap, "documents_topic": self.topic, "dead_letter_topic": self.dlq,
-            "group_id": self.group, "queries_topic": self.queries, "replies_topic": self.replies,
-        })
+        kafka = settings.kafka.model_copy(
+            update={
+                "bootstrap_servers": bootstrap,
+                "documents_topic": self.topic,
+                "dead_letter_topic": self.dlq,
+                "group_id": self.group,
+                "queries_topic": self.queries,
+                "replies_topic": self.replies,
+            }
+        )
         #: the test process's view: the same topic and store, no fault file
-        self.settings = settings.model_copy(update={
-            "kafka": kafka, "store": settings.store.model_copy(update={"path": self.store_path}),
-        })
+        self.settings = settings.model_copy(
+            update={
+                "kafka": kafka,
+                "store": settings.store.model_copy(update={"path": self.store_path}),
+            }
+        )
         self.workers: list[WorkerProcess] = []
 
     async def setup(self) -> Scenario:
@@ -131,8 +145,12 @@ class Scenario:
     def worker(self, env: dict[str, str] | None = None, *, group: str | None = None) -> WorkerProcess:
         """A worker process (not started) on this scenario's topics and store, with the fault switch wired."""
         w = WorkerProcess(
-            bootstrap=self.bootstrap, store_path=self.store_path, topic=self.topic, dlq=self.dlq,
-            group=group or self.group, log_path=self.tmp / f"worker-{len(self.workers)}.log",
+            bootstrap=self.bootstrap,
+            store_path=self.store_path,
+            topic=self.topic,
+            dlq=self.dlq,
+            group=group or self.group,
+            log_path=self.tmp / f"worker-{len(self.workers)}.log",
             extra_env={
                 "VECTORSTREAM_KAFKA__QUERIES_TOPIC": self.queries,
                 "VECTORSTREAM_KAFKA__REPLIES_TOPIC": self.replies,
@@ -152,11 +170,17 @@ class Scenario:
 
     # --- producing ---------------------------------------------------------------------------------------
 
-    async def produce(self, records: Iterable[tuple[bytes | None, bytes | None]],
-                      topic: str | None = None) -> list[Produced]:
+    async def produce(
+        self, records: Iterable[tuple[bytes | None, bytes | None]], topic: str | None = None
+    ) -> list[Produced]:
         """Produce raw (key, value) records in order and return where each one landed."""
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
-                                    max_request_size=8 * 1024 * 1024, request_timeout_ms=60_000)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            linger_ms=5,
+            max_request_size=8 * 1024 * 1024,
+            request_timeout_ms=60_000,
+        )
         await producer.start()
         try:
             futures = [(k, v, await producer.send(topic or self.topic, v, key=k)) for k, v in records]
@@ -205,10 +229,20 @@ class Scenario:
         except (KafkaError, OSError, TimeoutError):
             return False
 
-    async def wait_caught_up(self, workers: Sequence[WorkerProcess], *, timeout: float = 300,  # noqa: ASYNC109
-                             group: str | None = None) -> None:
-        await eventually(functools.partial(self.caught_up, group), timeout=timeout,
-                         what=f"{self.topic} fully committed", workers=workers, interval=1.0)
+    async def wait_caught_up(
+        self,
+        workers: Sequence[WorkerProcess],
+        *,
+        timeout: float = 300,  # noqa: ASYNC109
+        group: str | None = None,
+    ) -> None:
+        await eventually(
+            functools.partial(self.caught_up, group),
+            timeout=timeout,
+            what=f"{self.topic} fully committed",
+            workers=workers,
+            interval=1.0,
+        )
 
     # --- reading back ------------------------------------------------------------------------------------
 
@@ -252,18 +286,49 @@ def dead_letter_sources(dead: Iterable[Record]) -> dict[tuple[int, int], list[st
 
 def doc_text(tenant: str, doc: str, version: int, sentences: int, rng: random.Random) -> str:
     """A document body: a stable opening per document (so updates reuse chunks) and a version-specific tail."""
-    words = ["ledger", "harbour", "invoice", "glacier", "turbine", "orchid", "compiler", "saffron", "meadow",
-             "quartz", "lantern", "protocol", "falcon", "granite", "cobalt", "violin", "nebula", "tundra"]
-    stable = [f"{doc} of {tenant} opens with clause {i} about the {words[(i + len(doc)) % len(words)]}."
-              for i in range(sentences // 2)]
-    tail = [f"Revision {version} adds note {j}: the {rng.choice(words)} meets the {rng.choice(words)} "
-            f"near marker {rng.randrange(10**6)}." for j in range(sentences - len(stable))]
+    words = [
+        "ledger",
+        "harbour",
+        "invoice",
+        "glacier",
+        "turbine",
+        "orchid",
+        "compiler",
+        "saffron",
+        "meadow",
+        "quartz",
+        "lantern",
+        "protocol",
+        "falcon",
+        "granite",
+        "cobalt",
+        "violin",
+        "nebula",
+        "tundra",
+    ]
+    stable = [
+        f"{doc} of {tenant} opens with clause {i} about the {words[(i + len(doc)) % len(words)]}."
+        for i in range(sentences // 2)
+    ]
+    tail = [
+        f"Revision {version} adds note {j}: the {rng.choice(words)} meets the {rng.choice(words)} "
+        f"near marker {rng.randrange(10**6)}."
+        for j in range(sentences - len(stable))
+    ]
     return " ".join(stable + tail)
 
 
 def upsert(tenant: str, doc: str, version: int, text: str, **access: Any) -> tuple[bytes, bytes]:
-    event = {"type": "upsert", "tenant_id": tenant, "doc_id": doc, "version": version, "title": f"{doc} v{version}",
-             "text": text, "metadata": {"v": version}, "access": access or {"public": True}}
+    event = {
+        "type": "upsert",
+        "tenant_id": tenant,
+        "doc_id": doc,
+        "version": version,
+        "title": f"{doc} v{version}",
+        "text": text,
+        "metadata": {"v": version},
+        "access": access or {"public": True},
+    }
     return f"{tenant}/{doc}".encode(), json.dumps(event).encode()
 
 
@@ -292,8 +357,9 @@ class History:
         self.records.append(record)
 
 
-def mixed_history(rng: random.Random, *, docs: int, events: int, tenants: Sequence[str] = ("acme", "globex"),
-                  max_sentences: int = 70) -> History:
+def mixed_history(
+    rng: random.Random, *, docs: int, events: int, tenants: Sequence[str] = ("acme", "globex"), max_sentences: int = 70
+) -> History:
     """Upserts, updates, deletes, tombstones, re-creations, exact duplicates, late older versions and junk."""
     h = History()
     keys = [(rng.choice(tenants), f"doc-{i}") for i in range(docs)]
@@ -308,7 +374,8 @@ def mixed_history(rng: random.Random, *, docs: int, events: int, tenants: Sequen
             version += rng.randint(1, 2)
             top[key] = version
             rec: tuple[bytes | None, bytes | None] = upsert(
-                tenant, doc, version, doc_text(tenant, doc, version, rng.randint(3, max_sentences), rng))
+                tenant, doc, version, doc_text(tenant, doc, version, rng.randint(3, max_sentences), rng)
+            )
             kind = "upsert"
         elif roll < 0.67 and sent.get(key):
             rec, kind = rng.choice(sent[key]), "duplicate"

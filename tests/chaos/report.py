@@ -31,47 +31,111 @@ class Scenario:
 
 
 SCENARIOS = [
-    Scenario("sigkill", "SIGKILL of a worker at random moments during ingest (6 kills), restarted each time",
-             ("test_kill.py::test_sigkill_at_random_moments_then_restart",)),
-    Scenario("sigkill-20", "the same with 20 kills in one run",
-             ("test_kill.py::test_sigkill_at_random_moments_twenty_times",), slow=True),
-    Scenario("sigterm-mid-batch", "SIGTERM with a large batch in flight, then a restart",
-             ("test_kill.py::test_sigterm_mid_batch_finishes_or_gives_back_the_batch",)),
-    Scenario("store-outage", "vector store unavailable for a while (fault file in front of Qdrant Edge)",
-             ("test_outages.py::test_store_outage_pauses_consumption_then_catches_up",)),
-    Scenario("sigterm-during-outage", "SIGTERM while the batch waits for an unavailable store",
-             ("test_outages.py::test_sigterm_during_store_outage_gives_the_batch_back",), slow=True),
-    Scenario("store-outage-server-proxy", "Qdrant server behind a TCP proxy that drops every connection",
-             ("test_server_store.py::test_server_store_behind_a_dropping_proxy",)),
-    Scenario("broker-restart", "Apache Kafka stopped and restarted mid-ingest",
-             ("test_outages.py::test_broker_restart_mid_ingest_worker_recovers_by_itself",)),
-    Scenario("broker-kill", "Apache Kafka SIGKILLed and restarted mid-ingest",
-             ("test_outages.py::test_broker_killed_mid_ingest_worker_recovers_by_itself",), slow=True),
-    Scenario("scale-1-2-1", "two workers on one Qdrant server, scaled 1 -> 2 -> 1 during ingest",
-             ("test_server_store.py::test_two_workers_scaled_one_two_one_consume_every_partition",)),
-    Scenario("duplicates-out-of-order", "duplicates and out-of-order versions; full replay by a new group",
-             ("test_versions.py::test_duplicates_and_out_of_order_versions_newest_wins",)),
-    Scenario("hostile-input", "hostile input drawn by hypothesis, interleaved with good events",
-             ("test_hostile.py::test_hostile_input_is_dead_lettered_with_its_reason",
-              "test_hostile.py::test_zz_after_hostile_input_nothing_lost_or_left")),
-    Scenario("breaker-bad-deploy", "a bad deploy that fails every record trips the breaker",
-             ("test_hostile.py::test_bad_deploy_trips_the_breaker_instead_of_draining_the_topic",)),
-    Scenario("query-flood", "query flood far beyond capacity", (
-        "test_query_stress.py::test_flood_beyond_capacity_is_shed_in_bounded_memory",)),
-    Scenario("query-replay", "replayed query requests", (
-        "test_query_stress.py::test_replayed_requests_get_equivalent_replies",)),
-    Scenario("query-expired", "query requests past their deadline", (
-        "test_query_stress.py::test_expired_requests_are_dropped_and_counted",)),
-    Scenario("query-slow-store", "slow store under queries with deadlines", (
-        "test_query_stress.py::test_slow_store_times_out_as_errors_within_the_deadline",)),
+    Scenario(
+        "sigkill",
+        "SIGKILL of a worker at random moments during ingest (6 kills), restarted each time",
+        ("test_kill.py::test_sigkill_at_random_moments_then_restart",),
+    ),
+    Scenario(
+        "sigkill-20",
+        "the same with 20 kills in one run",
+        ("test_kill.py::test_sigkill_at_random_moments_twenty_times",),
+        slow=True,
+    ),
+    Scenario(
+        "sigterm-mid-batch",
+        "SIGTERM with a large batch in flight, then a restart",
+        ("test_kill.py::test_sigterm_mid_batch_finishes_or_gives_back_the_batch",),
+    ),
+    Scenario(
+        "store-outage",
+        "vector store unavailable for a while (fault file in front of Qdrant Edge)",
+        ("test_outages.py::test_store_outage_pauses_consumption_then_catches_up",),
+    ),
+    Scenario(
+        "sigterm-during-outage",
+        "SIGTERM while the batch waits for an unavailable store",
+        ("test_outages.py::test_sigterm_during_store_outage_gives_the_batch_back",),
+        slow=True,
+    ),
+    Scenario(
+        "store-outage-server-proxy",
+        "Qdrant server behind a TCP proxy that drops every connection",
+        ("test_server_store.py::test_server_store_behind_a_dropping_proxy",),
+    ),
+    Scenario(
+        "broker-restart",
+        "Apache Kafka stopped and restarted mid-ingest",
+        ("test_outages.py::test_broker_restart_mid_ingest_worker_recovers_by_itself",),
+    ),
+    Scenario(
+        "broker-kill",
+        "Apache Kafka SIGKILLed and restarted mid-ingest",
+        ("test_outages.py::test_broker_killed_mid_ingest_worker_recovers_by_itself",),
+        slow=True,
+    ),
+    Scenario(
+        "scale-1-2-1",
+        "two workers on one Qdrant server, scaled 1 -> 2 -> 1 during ingest",
+        ("test_server_store.py::test_two_workers_scaled_one_two_one_consume_every_partition",),
+    ),
+    Scenario(
+        "duplicates-out-of-order",
+        "duplicates and out-of-order versions; full replay by a new group",
+        ("test_versions.py::test_duplicates_and_out_of_order_versions_newest_wins",),
+    ),
+    Scenario(
+        "hostile-input",
+        "hostile input drawn by hypothesis, interleaved with good events",
+        (
+            "test_hostile.py::test_hostile_input_is_dead_lettered_with_its_reason",
+            "test_hostile.py::test_zz_after_hostile_input_nothing_lost_or_left",
+        ),
+    ),
+    Scenario(
+        "breaker-bad-deploy",
+        "a bad deploy that fails every record trips the breaker",
+        ("test_hostile.py::test_bad_deploy_trips_the_breaker_instead_of_draining_the_topic",),
+    ),
+    Scenario(
+        "query-flood",
+        "query flood far beyond capacity",
+        ("test_query_stress.py::test_flood_beyond_capacity_is_shed_in_bounded_memory",),
+    ),
+    Scenario(
+        "query-replay",
+        "replayed query requests",
+        ("test_query_stress.py::test_replayed_requests_get_equivalent_replies",),
+    ),
+    Scenario(
+        "query-expired",
+        "query requests past their deadline",
+        ("test_query_stress.py::test_expired_requests_are_dropped_and_counted",),
+    ),
+    Scenario(
+        "query-slow-store",
+        "slow store under queries with deadlines",
+        ("test_query_stress.py::test_slow_store_times_out_as_errors_within_the_deadline",),
+    ),
 ]
 
 COUNTS = ("events", "lost", "duplicated", "stale", "leaked")
 
 
 def run_pytest(junit: Path, results: Path, *, slow: bool, extra: list[str]) -> int:
-    cmd = [sys.executable, "-m", "pytest", "tests/chaos", "-p", "no:cacheprovider", "-rfEsxX",
-           f"--junitxml={junit}", "-m", "" if slow else "not slow", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/chaos",
+        "-p",
+        "no:cacheprovider",
+        "-rfEsxX",
+        f"--junitxml={junit}",
+        "-m",
+        "" if slow else "not slow",
+        *extra,
+    ]
     print("$", " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=ROOT, env={**os.environ, RESULTS_ENV: str(results)})
 
@@ -100,15 +164,23 @@ def machine() -> str:
     cpu = "unknown CPU"
     mem = ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+        kib = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
         mem = f", {kib / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         pass
-    return f"{os.cpu_count()} cores ({cpu}){mem}, {platform.system()} {platform.release()}, Python " \
-           f"{platform.python_version()}"
+    return (
+        f"{os.cpu_count()} cores ({cpu}){mem}, {platform.system()} {platform.release()}, Python "
+        f"{platform.python_version()}"
+    )
 
 
 def git(*args: str) -> str:
@@ -118,8 +190,17 @@ def git(*args: str) -> str:
         return "?"
 
 
-def render(rows: list[dict], results: dict[str, list[tuple[str, str]]], *, command: str, started: float,
-           seconds: float, load: tuple[float, ...], slow: bool, commit: str) -> str:
+def render(
+    rows: list[dict],
+    results: dict[str, list[tuple[str, str]]],
+    *,
+    command: str,
+    started: float,
+    seconds: float,
+    load: tuple[float, ...],
+    slow: bool,
+    commit: str,
+) -> str:
     from pipeline.broker import KAFKA_VERSION
     from pipeline.settings import Settings
 
@@ -174,8 +255,11 @@ def render(rows: list[dict], results: dict[str, list[tuple[str, str]]], *, comma
         else:
             result = "pass"
         cells = [str(sums[c]) if got else "–" for c in COUNTS]
-        lines.append(f"| {sc.id}: {sc.title} | {'slow' if sc.slow else 'fast'} | {len(executed)} | {result} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {sc.id}: {sc.title} | {'slow' if sc.slow else 'fast'} | {len(executed)} | {result} | "
+            + " | ".join(cells)
+            + " |"
+        )
         for r in got:
             notes.append(f"- **{sc.id}**: {r['notes']}" + (f" — checker: {r['checker']}" if r.get("checker") else ""))
     lines += ["", "## What each run did", "", *notes]
@@ -183,11 +267,16 @@ def render(rows: list[dict], results: dict[str, list[tuple[str, str]]], *, comma
         lines += ["", "## Known issues (tests marked xfail, strict)", "", *issues]
     if blocked:
         lines += ["", "## Blocked here", "", *blocked]
-    lines += ["", "## Commands", "", "- fast set (part of the default `python -m pytest`): "
-              "`python -m pytest tests/chaos`",
-              "- slow set (the long variants): `python -m pytest tests/chaos -m slow`",
-              "- this report, fast and slow: `python -m tests.chaos.report --slow` (fast only: without `--slow`)",
-              "- the server scenarios: set `VECTORSTREAM_TEST_QDRANT_URL=http://host:6333` (a Qdrant server)", ""]
+    lines += [
+        "",
+        "## Commands",
+        "",
+        "- fast set (part of the default `python -m pytest`): `python -m pytest tests/chaos`",
+        "- slow set (the long variants): `python -m pytest tests/chaos -m slow`",
+        "- this report, fast and slow: `python -m tests.chaos.report --slow` (fast only: without `--slow`)",
+        "- the server scenarios: set `VECTORSTREAM_TEST_QDRANT_URL=http://host:6333` (a Qdrant server)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -213,11 +302,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== chaos suite, run {i + 1} of {args.runs} (results in {work})", flush=True)
         codes.append(run_pytest(junit, results, slow=args.slow, extra=args.pytest_args))
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    command = "python -m tests.chaos.report" + (" --slow" if args.slow else "") + \
-        (f" --runs {args.runs}" if args.runs != 1 else "") + \
-        (" -- " + shlex.join(args.pytest_args) if args.pytest_args else "")
-    text = render(rows, outcomes(junits), command=command, started=started, seconds=time.time() - started,
-                  load=load, slow=args.slow, commit=commit)
+    command = (
+        "python -m tests.chaos.report"
+        + (" --slow" if args.slow else "")
+        + (f" --runs {args.runs}" if args.runs != 1 else "")
+        + (" -- " + shlex.join(args.pytest_args) if args.pytest_args else "")
+    )
+    text = render(
+        rows,
+        outcomes(junits),
+        command=command,
+        started=started,
+        seconds=time.time() - started,
+        load=load,
+        slow=args.slow,
+        commit=commit,
+    )
     args.output.write_text(text)
     print(f"wrote {args.output} ({len(rows)} scenario runs); pytest exit codes {codes}")
     return max(codes) if codes else 1

@@ -29,8 +29,11 @@ def shuffled_versions(rng: random.Random, docs: int) -> tuple[list[tuple[bytes, 
     for d in range(docs):
         tenant, doc = ("acme", "globex")[d % 2], f"doc-{d}"
         versions = range(1, rng.randint(2, 6) + 1)
-        events = [upsert(tenant, doc, v, doc_text(tenant, doc, v, 3 + 7 * v, random.Random(f"{doc}/{v}")))
-                  for v in versions for _ in range(rng.randint(1, 3))]
+        events = [
+            upsert(tenant, doc, v, doc_text(tenant, doc, v, 3 + 7 * v, random.Random(f"{doc}/{v}")))
+            for v in versions
+            for _ in range(rng.randint(1, 3))
+        ]
         deleted_at = rng.choice(list(versions)) if rng.random() < 0.3 else 0
         if deleted_at:
             events.append(delete(tenant, doc, deleted_at))
@@ -56,8 +59,9 @@ async def live_versions(settings, embedder) -> dict[tuple[str, str], set[int]]:
     return out
 
 
-async def test_duplicates_and_out_of_order_versions_newest_wins(apache_kafka, tmp_path, settings, embedder, capsys,
-                                                                monkeypatch):
+async def test_duplicates_and_out_of_order_versions_newest_wins(
+    apache_kafka, tmp_path, settings, embedder, capsys, monkeypatch
+):
     sc = await Scenario(apache_kafka.bootstrap_servers, tmp_path, "versions", settings).setup()
     records, newest = shuffled_versions(random.Random(17), docs=24)
     with cleanup(sc):
@@ -78,13 +82,20 @@ async def test_duplicates_and_out_of_order_versions_newest_wins(apache_kafka, tm
         replay = {o: r.events(o) for o in ("indexed", "deleted", "ignored_stale", "dead_lettered")}
         assert await asyncio.to_thread(r.terminate) == 0
     after_replay = await sc.check(embedder)
-    wrong = {k: (sorted(stored.get(k, ())), v) for k, v in newest.items()
-             if stored.get(k, set()) != ({v} if v else set())}
-    record_result("duplicates-out-of-order", events=len(records), report=report, lost=0,
-                  notes=f"{len(newest)} documents, versions sent 1-3 times in random order, some deleted at a "
-                        f"version; {len(wrong)} documents not at the newest version; full replay by a new group: "
-                        f"{replay['indexed']:.0f} re-indexed, {replay['ignored_stale']:.0f} ignored",
-                  first=first, replay=replay)
+    wrong = {
+        k: (sorted(stored.get(k, ())), v) for k, v in newest.items() if stored.get(k, set()) != ({v} if v else set())
+    }
+    record_result(
+        "duplicates-out-of-order",
+        events=len(records),
+        report=report,
+        lost=0,
+        notes=f"{len(newest)} documents, versions sent 1-3 times in random order, some deleted at a "
+        f"version; {len(wrong)} documents not at the newest version; full replay by a new group: "
+        f"{replay['indexed']:.0f} re-indexed, {replay['ignored_stale']:.0f} ignored",
+        first=first,
+        replay=replay,
+    )
     assert not wrong, f"(stored versions, expected) per document: {wrong}"
     assert_consistent(report)
     assert first["dead_lettered"] == 0 and first["indexed"] + first["deleted"] < len(records)
@@ -93,8 +104,11 @@ async def test_duplicates_and_out_of_order_versions_newest_wins(apache_kafka, tm
     assert after_replay.stored_chunks == report.stored_chunks
 
     # the command line: consistent -> exit 0; a document's chunks removed behind its back -> exit 1
-    for name, value in {"KAFKA__BOOTSTRAP_SERVERS": sc.bootstrap, "KAFKA__DOCUMENTS_TOPIC": sc.topic,
-                        "STORE__PATH": str(sc.store_path)}.items():
+    for name, value in {
+        "KAFKA__BOOTSTRAP_SERVERS": sc.bootstrap,
+        "KAFKA__DOCUMENTS_TOPIC": sc.topic,
+        "STORE__PATH": str(sc.store_path),
+    }.items():
         monkeypatch.setenv(f"VECTORSTREAM_{name}", value)
     capsys.readouterr()
     assert await asyncio.to_thread(cli, ["check"]) == 0

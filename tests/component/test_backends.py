@@ -19,8 +19,9 @@ def cache(tmp_path_factory):
 
 
 def _load(embedder, settings, cache, name, **kw):
-    return load_backend(name, embedder.model, model_name=embedder.name, model_path=settings.model_path,
-                        threads=2, cache_dir=cache, **kw)
+    return load_backend(
+        name, embedder.model, model_name=embedder.name, model_path=settings.model_path, threads=2, cache_dir=cache, **kw
+    )
 
 
 def test_onnx_export_matches_torch_and_is_cached(embedder, settings, cache):
@@ -53,8 +54,7 @@ def test_guard_refuses_a_backend_below_the_threshold_unless_forced(embedder, set
 def test_embedder_uses_the_configured_backend(settings, cache):
     from pipeline.embedding import Embedder
 
-    s = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx",
-                                                                                "cache_dir": cache})})
+    s = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx", "cache_dir": cache})})
     emb = Embedder(s)
     try:
         assert emb.backend_label == "ONNX Runtime fp32"

@@ -37,7 +37,7 @@ async def test_clean_run_is_consistent_and_damage_is_found(settings, store, embe
     records = history()
     svc = IngestService(settings, store, embedder, RecordingDeadLetters())
     for i in range(0, len(records), 16):  # batch boundaries matter for collapse: use several
-        await svc.handle(records[i:i + 16])
+        await svc.handle(records[i : i + 16])
     expected, n, bad = expected_state(records, embedder.chunker(), settings)
     report = await check_store(store, expected, events=n, dead_letters=bad)
     assert report.ok, report.summary() + "\n" + "\n".join(report.examples)
@@ -57,8 +57,13 @@ async def test_clean_run_is_consistent_and_damage_is_found(settings, store, embe
     await store.upsert_chunks([ChunkPoint(chunk_point_id(t2, d2, 99), vec, payload)])  # extra
     if dead:
         td, dd = dead[0]
-        await store.upsert_chunks([ChunkPoint(chunk_point_id(td, dd, 0), vec,
-                                              {**victim.payload, "tenant_id": td, "doc_id": dd, "chunk_index": 0})])
+        await store.upsert_chunks(
+            [
+                ChunkPoint(
+                    chunk_point_id(td, dd, 0), vec, {**victim.payload, "tenant_id": td, "doc_id": dd, "chunk_index": 0}
+                )
+            ]
+        )
     report = await check_store(store, expected)
     assert not report.ok
     assert report.missing == len(expected[(t, d)].chunk_hashes)
@@ -71,8 +76,8 @@ async def test_clean_run_is_consistent_and_damage_is_found(settings, store, embe
 
 _event = st.tuples(
     st.sampled_from(["upsert", "upsert", "upsert", "delete", "tombstone", "junk"]),
-    st.integers(min_value=0, max_value=5),   # document
-    st.integers(min_value=0, max_value=6),   # version
+    st.integers(min_value=0, max_value=5),  # document
+    st.integers(min_value=0, max_value=6),  # version
     st.integers(min_value=1, max_value=30),  # length in sentences
 )
 
@@ -101,7 +106,7 @@ async def test_property_duplicates_and_out_of_order_versions_end_consistent(hist
             for cut in cuts * 40:  # batch boundaries drawn by hypothesis
                 if i >= len(records):
                     break
-                await svc.handle(records[i:i + cut])
+                await svc.handle(records[i : i + cut])
                 i += cut
             expected, n, bad = expected_state(records, embedder.chunker(), settings)
             report = await check_store(st_, expected, events=n, dead_letters=bad)

@@ -15,9 +15,16 @@ from tests.component.test_ingest_service import RecordingDeadLetters, long_text,
 def test_reading_the_fault_file(tmp_path):
     f = tmp_path / "fault"
     assert read_fault(f) is None
-    for text, fault in [("", Fault("down")), ("down", Fault("down")), ("down 0.5", Fault("down", 0.5)),
-                        ("slow 2.5\n", Fault("slow", 2.5)), ("SLOW 1", Fault("slow", 1.0)),
-                        ("gibberish", Fault("down")), ("slow -3", Fault("slow", 0.0)), ("slow x", Fault("slow"))]:
+    for text, fault in [
+        ("", Fault("down")),
+        ("down", Fault("down")),
+        ("down 0.5", Fault("down", 0.5)),
+        ("slow 2.5\n", Fault("slow", 2.5)),
+        ("SLOW 1", Fault("slow", 1.0)),
+        ("gibberish", Fault("down")),
+        ("slow -3", Fault("slow", 0.0)),
+        ("slow x", Fault("slow")),
+    ]:
         f.write_text(text)
         assert read_fault(f) == fault, text
 

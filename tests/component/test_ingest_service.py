@@ -177,12 +177,12 @@ async def test_bad_records_are_dead_lettered_and_good_ones_indexed(service, stor
     report = await service.handle(batch)
     assert report.indexed == 2 and report.dead_lettered == 3
     assert [r.reason for _, r in service.dead_letters.sent] == [R.INVALID_UTF8, R.EMPTY_TEXT, R.KEY_MISMATCH]
-    assert [rec.offset for rec, _ in service.dead_letters.sent] == [batch[1].offset, batch[2].offset,
-                                                                    batch[3].offset]
+    assert [rec.offset for rec, _ in service.dead_letters.sent] == [batch[1].offset, batch[2].offset, batch[3].offset]
 
 
 async def test_crash_between_new_chunks_and_cleanup_leaves_document_searchable_then_replay_cleans(
-        service, store, settings, embedder):
+    service, store, settings, embedder
+):
     await service.handle([rec(up("d", 1, long_text("old", 120)))])
     old_n = len(await chunks_of(store, "d"))
     update = [rec(up("d", 2, long_text("new", 40)))]

@@ -31,9 +31,19 @@ async def store(tmp_path):
     for t in range(3):
         for i in range(400):
             v = rng.normal(size=16)
-            points.append(ChunkPoint(chunk_point_id(f"t{t}", f"d{i}", 0), (v / np.linalg.norm(v)).tolist(),
-                                     {TENANT: f"t{t}", DOC: f"d{i}", ACL_PUBLIC: i % 2 == 0,
-                                      ACL_USERS: [], ACL_GROUPS: ["g"] if i % 3 == 0 else []}))
+            points.append(
+                ChunkPoint(
+                    chunk_point_id(f"t{t}", f"d{i}", 0),
+                    (v / np.linalg.norm(v)).tolist(),
+                    {
+                        TENANT: f"t{t}",
+                        DOC: f"d{i}",
+                        ACL_PUBLIC: i % 2 == 0,
+                        ACL_USERS: [],
+                        ACL_GROUPS: ["g"] if i % 3 == 0 else [],
+                    },
+                )
+            )
     await st.upsert_chunks(points)
     await st.build_index()
     yield st

@@ -20,21 +20,46 @@ SECRET = "component-test-secret-0123456789abcdef"
 
 DOCS = [
     # (tenant, doc, title, text, access, metadata)
-    ("acme", "pw", "Resetting your password",
-     "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
-     {"public": True}, {"year": 2023, "lang": "en", "tags": ["account", "howto"]}),
-    ("acme", "vpn", "VPN setup for staff",
-     "Install the VPN client, import the company profile and sign in with your staff credentials.",
-     {"groups": ["ops"]}, {"year": 2021, "lang": "en"}),
-    ("acme", "salary", "Salary review notes",
-     "Notes from the salary review meeting: budgets for next year and promotion decisions.",
-     {"users": ["carol"]}, {"year": 2024, "lang": "en"}),
-    ("acme", "pw-de", "Passwort zurücksetzen",
-     "Um Ihr Passwort zurückzusetzen, öffnen Sie die Kontoeinstellungen und wählen Sie 'Passwort vergessen'.",
-     {"public": True}, {"year": 2022, "lang": "de", "draft": True}),
-    ("globex", "pw", "Resetting your password at Globex",
-     "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
-     {"public": True}, {"year": 2023, "lang": "en"}),
+    (
+        "acme",
+        "pw",
+        "Resetting your password",
+        "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
+        {"public": True},
+        {"year": 2023, "lang": "en", "tags": ["account", "howto"]},
+    ),
+    (
+        "acme",
+        "vpn",
+        "VPN setup for staff",
+        "Install the VPN client, import the company profile and sign in with your staff credentials.",
+        {"groups": ["ops"]},
+        {"year": 2021, "lang": "en"},
+    ),
+    (
+        "acme",
+        "salary",
+        "Salary review notes",
+        "Notes from the salary review meeting: budgets for next year and promotion decisions.",
+        {"users": ["carol"]},
+        {"year": 2024, "lang": "en"},
+    ),
+    (
+        "acme",
+        "pw-de",
+        "Passwort zurücksetzen",
+        "Um Ihr Passwort zurückzusetzen, öffnen Sie die Kontoeinstellungen und wählen Sie 'Passwort vergessen'.",
+        {"public": True},
+        {"year": 2022, "lang": "de", "draft": True},
+    ),
+    (
+        "globex",
+        "pw",
+        "Resetting your password at Globex",
+        "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
+        {"public": True},
+        {"year": 2023, "lang": "en"},
+    ),
 ]
 
 
@@ -82,15 +107,24 @@ class CountingEmbedder:
 
 @pytest.fixture(scope="module")
 async def edge(tmp_path_factory, settings, embedder):
-    s = settings.model_copy(update={"store": settings.store.model_copy(
-        update={"path": tmp_path_factory.mktemp("query") / "edge"})})
+    s = settings.model_copy(
+        update={"store": settings.store.model_copy(update={"path": tmp_path_factory.mktemp("query") / "edge"})}
+    )
     store = open_store(s)
     await store.open(model=embedder.name, dim=embedder.dim)
     ingest = IngestService(s, store, embedder, RecordingDeadLetters())
     records = []
     for i, (tenant, doc, title, text, access, meta) in enumerate(DOCS):
-        event = {"type": "upsert", "tenant_id": tenant, "doc_id": doc, "version": 1, "title": title, "text": text,
-                 "access": access, "metadata": meta}
+        event = {
+            "type": "upsert",
+            "tenant_id": tenant,
+            "doc_id": doc,
+            "version": 1,
+            "title": title,
+            "text": text,
+            "access": access,
+            "metadata": meta,
+        }
         records.append(Record("docs", 0, i, f"{tenant}/{doc}".encode(), json.dumps(event).encode()))
     report = await ingest.handle(records)
     assert report.indexed == len(DOCS)
@@ -190,8 +224,15 @@ async def test_caller_filters_narrow(service, cfg):
     assert docs(await ask(service, cfg, filter={"must": [{"key": "year", "range": {"gte": 2023}}]})) == ["pw"]
     assert docs(await ask(service, cfg, filter={"must_not": [{"key": "draft", "match": True}]})) == ["pw"]
     assert docs(await ask(service, cfg, filter={"must": [{"key": "tags", "any": ["howto", "x"]}]})) == ["pw"]
-    assert set(docs(await ask(service, cfg, filter={"should": [{"key": "lang", "match": "de"},
-                                                               {"key": "year", "range": {"lt": 2023}}]}))) == {"pw-de"}
+    assert set(
+        docs(
+            await ask(
+                service,
+                cfg,
+                filter={"should": [{"key": "lang", "match": "de"}, {"key": "year", "range": {"lt": 2023}}]},
+            )
+        )
+    ) == {"pw-de"}
     # a caller's should cannot widen the access rule: carol's document stays hidden from alice
     widen = {"should": [{"key": "year", "range": {"gte": 0}}]}
     assert "salary" not in docs(await ask(service, cfg, "salary review", filter=widen))
@@ -212,16 +253,24 @@ async def test_search_params_exact_and_ef(service, cfg):
     assert error_code(too_big) == ErrorCode.BAD_REQUEST and "hnsw_ef" in too_big.body.error.message
 
 
-@pytest.mark.parametrize("case,code", [
-    ("no_token", ErrorCode.UNAUTHENTICATED),
-    ("garbage_token", ErrorCode.UNAUTHENTICATED),
-    ("wrong_secret", ErrorCode.UNAUTHENTICATED),
-    ("expired", ErrorCode.TOKEN_EXPIRED),
-    ("tenant_mismatch", ErrorCode.TENANT_MISMATCH),
-])
+@pytest.mark.parametrize(
+    "case,code",
+    [
+        ("no_token", ErrorCode.UNAUTHENTICATED),
+        ("garbage_token", ErrorCode.UNAUTHENTICATED),
+        ("wrong_secret", ErrorCode.UNAUTHENTICATED),
+        ("expired", ErrorCode.TOKEN_EXPIRED),
+        ("tenant_mismatch", ErrorCode.TENANT_MISMATCH),
+    ],
+)
 async def test_token_errors_make_no_store_call(service, cfg, case, code):
-    other = make_settings(cfg).model_copy(update={"query": cfg.query.model_copy(
-        update={"hs256_secret": __import__("pydantic").SecretStr("another-secret-0123456789abcdef-xyz")})})
+    other = make_settings(cfg).model_copy(
+        update={
+            "query": cfg.query.model_copy(
+                update={"hs256_secret": __import__("pydantic").SecretStr("another-secret-0123456789abcdef-xyz")}
+            )
+        }
+    )
     tok = {
         "no_token": "",
         "garbage_token": "abc.def.ghi",
@@ -237,18 +286,21 @@ async def test_token_errors_make_no_store_call(service, cfg, case, code):
     assert reply.topic == cfg.kafka.replies_topic and reply.key == reply.body.request_id.encode()
 
 
-@pytest.mark.parametrize("extra,code", [
-    ({"filter": {"must": [{"key": "tenant_id", "match": "globex"}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
-    ({"filter": {"should": [{"key": "acl_public", "match": True}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
-    ({"filter": {"must_not": [{"key": "acl_users", "any": ["x"]}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
-    ({"filter": {"must": [{"key": "meta.year", "range": {"gt": 1}}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
-    ({"filter": {"must": [{"key": "Year", "match": 1}]}}, ErrorCode.BAD_REQUEST),
-    ({"top_k": 101}, ErrorCode.TOP_K_TOO_LARGE),
-    ({"top_k": 5000}, ErrorCode.TOP_K_TOO_LARGE),
-    ({"top_k": 0}, ErrorCode.BAD_REQUEST),
-    ({"query": "   "}, ErrorCode.BAD_REQUEST),
-    ({"colour": "red"}, ErrorCode.BAD_REQUEST),
-])
+@pytest.mark.parametrize(
+    "extra,code",
+    [
+        ({"filter": {"must": [{"key": "tenant_id", "match": "globex"}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
+        ({"filter": {"should": [{"key": "acl_public", "match": True}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
+        ({"filter": {"must_not": [{"key": "acl_users", "any": ["x"]}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
+        ({"filter": {"must": [{"key": "meta.year", "range": {"gt": 1}}]}}, ErrorCode.FORBIDDEN_FILTER_FIELD),
+        ({"filter": {"must": [{"key": "Year", "match": 1}]}}, ErrorCode.BAD_REQUEST),
+        ({"top_k": 101}, ErrorCode.TOP_K_TOO_LARGE),
+        ({"top_k": 5000}, ErrorCode.TOP_K_TOO_LARGE),
+        ({"top_k": 0}, ErrorCode.BAD_REQUEST),
+        ({"query": "   "}, ErrorCode.BAD_REQUEST),
+        ({"colour": "red"}, ErrorCode.BAD_REQUEST),
+    ],
+)
 async def test_request_errors(service, cfg, extra, code):
     before = service.store.searches
     reply = await ask(service, cfg, **extra)
@@ -313,8 +365,18 @@ async def test_concurrent_queries_share_embedding_batches(settings, edge, embedd
     cfg = make_settings(settings, batch_window_ms=20, max_batch=16)
     emb = CountingEmbedder(embedder)
     svc = QueryService(cfg, CountingStore(edge), emb, RecordingSink())
-    questions = ["reset password", "vpn client", "salary", "Passwort", "account settings", "e-mail link",
-                 "promotion", "staff credentials", "company profile", "budgets"]
+    questions = [
+        "reset password",
+        "vpn client",
+        "salary",
+        "Passwort",
+        "account settings",
+        "e-mail link",
+        "promotion",
+        "staff credentials",
+        "company profile",
+        "budgets",
+    ]
     replies = await asyncio.gather(*(svc.handle(*request(cfg, q)) for q in questions))
     assert all(r.ok for r in replies)
     assert sum(emb.calls) == len(questions) and len(emb.calls) <= 3, emb.calls

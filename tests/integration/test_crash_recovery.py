@@ -27,8 +27,7 @@ async def committed_offsets(bootstrap: str, group: str) -> int:
     return sum(max(o.offset, 0) for o in offsets.values())
 
 
-async def test_sigkill_between_write_and_commit_replays_without_duplicates(apache_kafka, tmp_path, settings,
-                                                                           embedder):
+async def test_sigkill_between_write_and_commit_replays_without_duplicates(apache_kafka, tmp_path, settings, embedder):
     bootstrap = apache_kafka.bootstrap_servers
     run = uuid.uuid4().hex[:8]
     topic, dlq, group = f"crash-{run}", f"crash-{run}.dlq", f"g-{run}"
@@ -36,8 +35,14 @@ async def test_sigkill_between_write_and_commit_replays_without_duplicates(apach
     docs = [good(i) for i in range(40)]
     expected = {ev.doc_id: len(chunker.split(chunker.document_text(ev.title, ev.text))) for ev in docs}
 
-    common = dict(bootstrap=bootstrap, store_path=tmp_path / "edge", topic=topic, dlq=dlq, group=group,
-                  log_path=tmp_path / "worker.log")
+    common = dict(
+        bootstrap=bootstrap,
+        store_path=tmp_path / "edge",
+        topic=topic,
+        dlq=dlq,
+        group=group,
+        log_path=tmp_path / "worker.log",
+    )
     # a commit interval far longer than the test: writes get confirmed, offsets never get committed
     first = WorkerProcess(**common, extra_env={"VECTORSTREAM_KAFKA__COMMIT_INTERVAL_SECONDS": "3600"}).start()
     try:
@@ -55,8 +60,12 @@ async def test_sigkill_between_write_and_commit_replays_without_duplicates(apach
         await asyncio.to_thread(second.wait_events, len(docs), 240)
         assert second.events("ignored_stale") == len(docs)
         assert second.events("indexed") == 0
-        await asyncio.to_thread(second.wait_for, lambda: asyncio.run(committed_offsets(bootstrap, group))
-                                == len(docs), 60, "offsets committed")
+        await asyncio.to_thread(
+            second.wait_for,
+            lambda: asyncio.run(committed_offsets(bootstrap, group)) == len(docs),
+            60,
+            "offsets committed",
+        )
     finally:
         assert await asyncio.to_thread(second.terminate) == 0
 
@@ -73,21 +82,27 @@ async def test_sigkill_between_write_and_commit_replays_without_duplicates(apach
         await store.close()
 
 
-async def test_sigkill_mid_stream_then_restart_indexes_everything_once(apache_kafka, tmp_path, settings,
-                                                                       embedder):
+async def test_sigkill_mid_stream_then_restart_indexes_everything_once(apache_kafka, tmp_path, settings, embedder):
     """Killed at an arbitrary moment while batches are being embedded and written."""
     bootstrap = apache_kafka.bootstrap_servers
     run = uuid.uuid4().hex[:8]
     topic, group = f"crash2-{run}", f"g2-{run}"
     chunker = embedder.chunker()
     # 60 short documents (one or two chunks): 8 batches of 8, so the kill lands between batches of real work
-    docs = [good(i, text=" ".join(f"Document {i} sentence {j} names item {i * 100 + j}."
-                                  for j in range(5 + 20 * (i % 3))))
-            for i in range(60)]
+    docs = [
+        good(i, text=" ".join(f"Document {i} sentence {j} names item {i * 100 + j}." for j in range(5 + 20 * (i % 3))))
+        for i in range(60)
+    ]
     expected = sum(len(chunker.split(chunker.document_text(ev.title, ev.text))) for ev in docs)
-    common = dict(bootstrap=bootstrap, store_path=tmp_path / "edge", topic=topic, dlq=f"{topic}.dlq",
-                  group=group, log_path=tmp_path / "worker.log",
-                  extra_env={"VECTORSTREAM_INGEST__MAX_BATCH_EVENTS": "8"})
+    common = dict(
+        bootstrap=bootstrap,
+        store_path=tmp_path / "edge",
+        topic=topic,
+        dlq=f"{topic}.dlq",
+        group=group,
+        log_path=tmp_path / "worker.log",
+        extra_env={"VECTORSTREAM_INGEST__MAX_BATCH_EVENTS": "8"},
+    )
     first = WorkerProcess(**common).start()
     try:
         async with DocumentPublisher(bootstrap, topic) as pub:
@@ -101,8 +116,12 @@ async def test_sigkill_mid_stream_then_restart_indexes_everything_once(apache_ka
     second = WorkerProcess(**common).start()
     try:
         # events up to the last commit are not seen again; the rest are indexed or recognised as replays
-        await asyncio.to_thread(second.wait_for, lambda: asyncio.run(committed_offsets(bootstrap, group))
-                                == len(docs), 240, "all offsets committed")
+        await asyncio.to_thread(
+            second.wait_for,
+            lambda: asyncio.run(committed_offsets(bootstrap, group)) == len(docs),
+            240,
+            "all offsets committed",
+        )
     finally:
         assert await asyncio.to_thread(second.terminate) == 0
     store = await open_edge(settings, tmp_path / "edge")

@@ -100,19 +100,27 @@ def run(tools: tuple[str, str], apache_kafka, tmp_path_factory: pytest.TempPathF
     topics = Topics.unique("test-prometheus")
     asyncio.run(topics.create(bootstrap, 3))
     worker = WorkerProcess(
-        bootstrap=bootstrap, store_path=tmp / "edge", topic=topics.documents, dlq=topics.dead_letters,
-        group=f"{topics.documents}.group", log_path=tmp / "worker.log",
-        extra_env={**topics.env(), "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": "1",
-                   "VECTORSTREAM_STORE__INDEX_IDLE_SECONDS": "0.5",
-                   "APP_DATADIR": str(tmp / "faust")},  # faust's table folder, else <group>-data in the repo
+        bootstrap=bootstrap,
+        store_path=tmp / "edge",
+        topic=topics.documents,
+        dlq=topics.dead_letters,
+        group=f"{topics.documents}.group",
+        log_path=tmp / "worker.log",
+        extra_env={
+            **topics.env(),
+            "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": "1",
+            "VECTORSTREAM_STORE__INDEX_IDLE_SECONDS": "0.5",
+            "APP_DATADIR": str(tmp / "faust"),
+        },  # faust's table folder, else <group>-data in the repo
     ).start()
     prom = Prometheus(tools[0], tmp, {JOB: [f"127.0.0.1:{worker.metrics_port}"]}).start()
     try:
         worker.wait_for(lambda: worker.metrics() is not None, 120, "the metrics endpoint")
         serves, answered = asyncio.run(_workload(bootstrap, topics, worker))
         # everything the worker did is in Prometheus: the last events, a lag report, an index build, a recall sample
-        worker.wait_for(lambda: (worker.metrics() or {}).get("vectorstream_index_builds_total", 0) >= 1, 30,
-                        "an index build")
+        worker.wait_for(
+            lambda: (worker.metrics() or {}).get("vectorstream_index_builds_total", 0) >= 1, 30, "an index build"
+        )
         total = DOCS + len(BAD_RECORDS) + RESENT + DELETED
         prom.wait_for("sum(vectorstream_events_total)", lambda v: v >= total)
         prom.wait_for("count(vectorstream_consumer_lag_messages)", lambda v: v >= 1, timeout=30)
@@ -161,8 +169,11 @@ def test_the_run_is_what_the_dashboard_shows(run: Run) -> None:
 
 @pytest.mark.parametrize("part", ["ingest", "query"])
 def test_every_dashboard_and_alert_expression_returns_data(run: Run, part: str) -> None:
-    exprs = [(f"panel {p.title!r}", grafana_expr(t.expr, rate_interval=RATE_INTERVAL))
-             for p in dashboard_panels() for t in p.targets]
+    exprs = [
+        (f"panel {p.title!r}", grafana_expr(t.expr, rate_interval=RATE_INTERVAL))
+        for p in dashboard_panels()
+        for t in p.targets
+    ]
     # an alert that is not firing filters its series away: evaluate its comparisons as bool to see them
     exprs += [(f"alert {r.name}", with_bool_comparisons(r.expr)) for r in alert_rules()]
     mine = [(what, e) for what, e in exprs if bool(QUERY_METRICS.search(e)) == (part == "query")]

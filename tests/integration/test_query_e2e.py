@@ -31,24 +31,54 @@ MAX_CONCURRENCY, MAX_QUEUE = 2, 4
 
 DOCS = [
     # tenant, doc, title, text, access, metadata
-    ("acme", "pw", "Resetting your password",
-     "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
-     {"public": True}, {"year": 2023, "lang": "en"}),
-    ("acme", "pw-de", "Passwort zurücksetzen",
-     "Um Ihr Passwort zurückzusetzen, öffnen Sie die Kontoeinstellungen und wählen Sie 'Passwort vergessen'.",
-     {"public": True}, {"year": 2021, "lang": "de"}),
-    ("acme", "vpn", "VPN setup for staff",
-     "Install the VPN client, import the company profile and sign in with your staff credentials.",
-     {"groups": ["ops"]}, {"year": 2022, "lang": "en"}),
-    ("acme", "salary", "Salary review notes",
-     "Notes from the salary review meeting: budgets for next year and promotion decisions.",
-     {"users": ["carol"]}, {"year": 2024, "lang": "en"}),
-    ("acme", "coffee", "Coffee machine",
-     "The coffee machine on the third floor is descaled every Friday; report faults to facilities.",
-     {"public": True}, {"year": 2020, "lang": "en"}),
-    ("globex", "pw", "Resetting your Globex password",
-     "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
-     {"public": True}, {"year": 2023, "lang": "en"}),
+    (
+        "acme",
+        "pw",
+        "Resetting your password",
+        "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
+        {"public": True},
+        {"year": 2023, "lang": "en"},
+    ),
+    (
+        "acme",
+        "pw-de",
+        "Passwort zurücksetzen",
+        "Um Ihr Passwort zurückzusetzen, öffnen Sie die Kontoeinstellungen und wählen Sie 'Passwort vergessen'.",
+        {"public": True},
+        {"year": 2021, "lang": "de"},
+    ),
+    (
+        "acme",
+        "vpn",
+        "VPN setup for staff",
+        "Install the VPN client, import the company profile and sign in with your staff credentials.",
+        {"groups": ["ops"]},
+        {"year": 2022, "lang": "en"},
+    ),
+    (
+        "acme",
+        "salary",
+        "Salary review notes",
+        "Notes from the salary review meeting: budgets for next year and promotion decisions.",
+        {"users": ["carol"]},
+        {"year": 2024, "lang": "en"},
+    ),
+    (
+        "acme",
+        "coffee",
+        "Coffee machine",
+        "The coffee machine on the third floor is descaled every Friday; report faults to facilities.",
+        {"public": True},
+        {"year": 2020, "lang": "en"},
+    ),
+    (
+        "globex",
+        "pw",
+        "Resetting your Globex password",
+        "To reset your password open the account settings, choose 'Forgot password' and follow the e-mailed link.",
+        {"public": True},
+        {"year": 2023, "lang": "en"},
+    ),
 ]
 
 
@@ -66,8 +96,9 @@ class Served:
         return mint_token(settings, tenant=tenant, user=user, groups=list(groups), ttl_seconds=ttl)
 
     async def reply(self, query="how do I reset my password", *, tenant="acme", token=None, wait=60.0, **kw):
-        req = self.client.new_request(query, tenant=tenant, token=self.token(tenant) if token is None else token,
-                                      timeout=wait, **kw)
+        req = self.client.new_request(
+            query, tenant=tenant, token=self.token(tenant) if token is None else token, timeout=wait, **kw
+        )
         self.expect_one.add(req.request_id)
         return await self.client.request(req)
 
@@ -89,7 +120,11 @@ async def served(request, tmp_path_factory):
     run = uuid.uuid4().hex[:8]
     topic, queries, replies = f"docs-{run}", f"queries-{run}", f"replies-{run}"
     worker = WorkerProcess(
-        bootstrap=bootstrap, store_path=tmp / "edge", topic=topic, dlq=f"{topic}.dlq", group=f"g-{run}",
+        bootstrap=bootstrap,
+        store_path=tmp / "edge",
+        topic=topic,
+        dlq=f"{topic}.dlq",
+        group=f"g-{run}",
         log_path=tmp / "worker.log",
         extra_env={
             "VECTORSTREAM_KAFKA__QUERIES_TOPIC": queries,
@@ -104,8 +139,16 @@ async def served(request, tmp_path_factory):
         await asyncio.to_thread(worker.wait_for, lambda: worker.metrics() is not None, 180, "the worker's /metrics")
         async with DocumentPublisher(bootstrap, topic) as pub:
             await pub.publish_many(
-                DocumentUpsert(type="upsert", tenant_id=t, doc_id=d, version=1, title=title, text=text,
-                               access=access, metadata=meta)
+                DocumentUpsert(
+                    type="upsert",
+                    tenant_id=t,
+                    doc_id=d,
+                    version=1,
+                    title=title,
+                    text=text,
+                    access=access,
+                    metadata=meta,
+                )
                 for t, d, title, text, access, meta in DOCS
             )
         # the documents and the queries topic are consumed by the same consumer: once the documents are
@@ -145,24 +188,30 @@ async def test_tenants_and_permissions(served):
 
 async def test_filters(served):
     assert await served.docs(filter={"must": [{"key": "lang", "match": "de"}]}) == ["pw-de"]
-    assert set(await served.docs(filter={"must": [{"key": "year", "range": {"gte": 2021, "lte": 2023}}]})) == \
-        {"pw", "pw-de"}
+    assert set(await served.docs(filter={"must": [{"key": "year", "range": {"gte": 2021, "lte": 2023}}]})) == {
+        "pw",
+        "pw-de",
+    }
     assert "pw" not in await served.docs(filter={"must_not": [{"key": "year", "any": [2023]}]})
-    assert set(await served.docs(filter={"should": [{"key": "lang", "match": "de"},
-                                                    {"key": "year", "range": {"lt": 2021}}]})) == {"pw-de", "coffee"}
+    assert set(
+        await served.docs(filter={"should": [{"key": "lang", "match": "de"}, {"key": "year", "range": {"lt": 2021}}]})
+    ) == {"pw-de", "coffee"}
 
 
-@pytest.mark.parametrize("case,code", [
-    ("bad_token", ErrorCode.UNAUTHENTICATED),
-    ("missing_token", ErrorCode.UNAUTHENTICATED),
-    ("wrong_key", ErrorCode.UNAUTHENTICATED),
-    ("expired_token", ErrorCode.TOKEN_EXPIRED),
-    ("tenant_mismatch", ErrorCode.TENANT_MISMATCH),
-    ("forbidden_filter_tenant", ErrorCode.FORBIDDEN_FILTER_FIELD),
-    ("forbidden_filter_acl", ErrorCode.FORBIDDEN_FILTER_FIELD),
-    ("oversize_top_k", ErrorCode.TOP_K_TOO_LARGE),
-    ("ef_above_cap", ErrorCode.BAD_REQUEST),
-])
+@pytest.mark.parametrize(
+    "case,code",
+    [
+        ("bad_token", ErrorCode.UNAUTHENTICATED),
+        ("missing_token", ErrorCode.UNAUTHENTICATED),
+        ("wrong_key", ErrorCode.UNAUTHENTICATED),
+        ("expired_token", ErrorCode.TOKEN_EXPIRED),
+        ("tenant_mismatch", ErrorCode.TENANT_MISMATCH),
+        ("forbidden_filter_tenant", ErrorCode.FORBIDDEN_FILTER_FIELD),
+        ("forbidden_filter_acl", ErrorCode.FORBIDDEN_FILTER_FIELD),
+        ("oversize_top_k", ErrorCode.TOP_K_TOO_LARGE),
+        ("ef_above_cap", ErrorCode.BAD_REQUEST),
+    ],
+)
 async def test_errors(served, case, code):
     other = QuerySettings(hs256_secret="a-different-secret-0123456789abcdefgh")
     kw = {
@@ -184,15 +233,15 @@ async def test_errors(served, case, code):
 async def test_unreadable_request_gets_a_bad_request_reply(served):
     request_id = uuid.uuid4().hex
     served.expect_one.add(request_id)
-    reply = await served.client.send_raw(request_id.encode(), b'{"request_id": "', request_id=request_id,
-                                         timeout=60)
+    reply = await served.client.send_raw(request_id.encode(), b'{"request_id": "', request_id=request_id, timeout=60)
     assert isinstance(reply, QueryFailure) and reply.error.code == ErrorCode.BAD_REQUEST
     # a query text above the contract's limit (the client would refuse to build it: send the JSON as is)
     body = served.client.new_request("placeholder", tenant="acme", token=served.token(), timeout=60).model_dump()
     body["query"] = "x" * 5000
     served.expect_one.add(body["request_id"])
-    reply = await served.client.send_raw(body["request_id"].encode(), json.dumps(body).encode(),
-                                         request_id=body["request_id"], timeout=60)
+    reply = await served.client.send_raw(
+        body["request_id"].encode(), json.dumps(body).encode(), request_id=body["request_id"], timeout=60
+    )
     assert isinstance(reply, QueryFailure) and reply.error.code == ErrorCode.BAD_REQUEST
     assert "query" in reply.error.message
 
@@ -227,8 +276,13 @@ async def test_burst_overload_is_answered_not_queued(served):
 
 
 async def test_zz_every_request_got_exactly_one_reply(served):
-    consumer = AIOKafkaConsumer(served.replies_topic, bootstrap_servers=served.bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        served.replies_topic,
+        bootstrap_servers=served.bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     seen: dict[str, int] = {}
     try:

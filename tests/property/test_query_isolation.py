@@ -61,23 +61,29 @@ class Sink:
 
 # --- strategies ----------------------------------------------------------------------------------------------
 
-metadata = st.fixed_dictionaries({}, optional={
-    "year": st.integers(2018, 2024),
-    "lang": st.sampled_from(LANGS),
-    "tags": st.lists(st.sampled_from(TAGS), unique=True, max_size=3),
-    "draft": st.booleans(),
-})
+metadata = st.fixed_dictionaries(
+    {},
+    optional={
+        "year": st.integers(2018, 2024),
+        "lang": st.sampled_from(LANGS),
+        "tags": st.lists(st.sampled_from(TAGS), unique=True, max_size=3),
+        "draft": st.booleans(),
+    },
+)
 documents = st.lists(
-    st.fixed_dictionaries({
-        "tenant": st.integers(0, 2),
-        "public": st.booleans(),
-        "users": st.lists(st.sampled_from(USERS), unique=True, max_size=2),
-        "groups": st.lists(st.sampled_from(GROUPS), unique=True, max_size=2),
-        "meta": metadata,
-        "chunks": st.integers(1, 2),
-        "seed": st.integers(0, 2**31),
-    }),
-    min_size=3, max_size=40,
+    st.fixed_dictionaries(
+        {
+            "tenant": st.integers(0, 2),
+            "public": st.booleans(),
+            "users": st.lists(st.sampled_from(USERS), unique=True, max_size=2),
+            "groups": st.lists(st.sampled_from(GROUPS), unique=True, max_size=2),
+            "meta": metadata,
+            "chunks": st.integers(1, 2),
+            "seed": st.integers(0, 2**31),
+        }
+    ),
+    min_size=3,
+    max_size=40,
 )
 condition = st.one_of(
     st.builds(lambda v: {"key": "year", "match": v}, st.integers(2018, 2024)),
@@ -87,24 +93,34 @@ condition = st.one_of(
     st.builds(lambda v: {"key": "lang", "any": v}, st.lists(st.sampled_from(LANGS), unique=True, min_size=1)),
     st.builds(lambda v: {"key": "tags", "any": v}, st.lists(st.sampled_from(TAGS), unique=True, min_size=1)),
     st.builds(lambda v: {"key": "year", "any": v}, st.lists(st.integers(2018, 2024), unique=True, min_size=1)),
-    st.builds(lambda lo, hi: {"key": "year", "range": {"gte": lo, "lt": hi}}, st.integers(2017, 2025),
-              st.integers(2017, 2026)),
+    st.builds(
+        lambda lo, hi: {"key": "year", "range": {"gte": lo, "lt": hi}}, st.integers(2017, 2025), st.integers(2017, 2026)
+    ),
     st.builds(lambda b: {"key": "year", "range": {"gt": b}}, st.integers(2017, 2024)),
 )
-filters = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
-    "must": st.lists(condition, max_size=2), "should": st.lists(condition, max_size=3),
-    "must_not": st.lists(condition, max_size=2),
-}))
-callers = st.fixed_dictionaries({
-    "tenant": st.integers(0, 2),
-    # the tenant the request names: mostly the token's, sometimes another (-> tenant_mismatch)
-    "claimed_tenant": st.one_of(st.none(), st.none(), st.none(), st.integers(0, 2)),
-    "user": st.sampled_from(USERS + ["nobody"]),
-    "groups": st.lists(st.sampled_from(GROUPS + ["g-none"]), unique=True, max_size=3),
-    "filter": filters,
-    "seed": st.integers(0, 2**31),
-    "exact": st.booleans(),
-})
+filters = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "must": st.lists(condition, max_size=2),
+            "should": st.lists(condition, max_size=3),
+            "must_not": st.lists(condition, max_size=2),
+        },
+    ),
+)
+callers = st.fixed_dictionaries(
+    {
+        "tenant": st.integers(0, 2),
+        # the tenant the request names: mostly the token's, sometimes another (-> tenant_mismatch)
+        "claimed_tenant": st.one_of(st.none(), st.none(), st.none(), st.integers(0, 2)),
+        "user": st.sampled_from(USERS + ["nobody"]),
+        "groups": st.lists(st.sampled_from(GROUPS + ["g-none"]), unique=True, max_size=3),
+        "filter": filters,
+        "seed": st.integers(0, 2**31),
+        "exact": st.booleans(),
+    }
+)
 
 
 # --- the oracle ----------------------------------------------------------------------------------------------
@@ -121,16 +137,24 @@ def holds(cond: dict, meta: dict) -> bool:
         return any(type(v) is type(a) and v == a for v in values for a in cond["any"])
     r = cond["range"]
     nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-    return any(("gt" not in r or v > r["gt"]) and ("gte" not in r or v >= r["gte"])
-               and ("lt" not in r or v < r["lt"]) and ("lte" not in r or v <= r["lte"]) for v in nums)
+    return any(
+        ("gt" not in r or v > r["gt"])
+        and ("gte" not in r or v >= r["gte"])
+        and ("lt" not in r or v < r["lt"])
+        and ("lte" not in r or v <= r["lte"])
+        for v in nums
+    )
 
 
 def passes(flt: dict | None, meta: dict) -> bool:
     if not flt:
         return True
     must, should, must_not = flt.get("must", []), flt.get("should", []), flt.get("must_not", [])
-    return (all(holds(c, meta) for c in must) and (not should or any(holds(c, meta) for c in should))
-            and not any(holds(c, meta) for c in must_not))
+    return (
+        all(holds(c, meta) for c in must)
+        and (not should or any(holds(c, meta) for c in should))
+        and not any(holds(c, meta) for c in must_not)
+    )
 
 
 def readable(doc: dict, tenant: int, user: str, groups: list[str]) -> bool:
@@ -146,8 +170,13 @@ def world(tmp_path_factory):
     store = EdgeStore(tmp_path_factory.mktemp("isolation"), "isolation", flush_writes=False)
     loop.run_until_complete(store.open(model=HashEmbedder.name, dim=DIM))
     base = Settings(_env_file=None)
-    cfg = base.model_copy(update={"query": base.query.model_copy(update={
-        "hs256_secret": SecretStr(SECRET), "recall_sample_rate": 0.0, "batch_window_ms": 0.0})})
+    cfg = base.model_copy(
+        update={
+            "query": base.query.model_copy(
+                update={"hs256_secret": SecretStr(SECRET), "recall_sample_rate": 0.0, "batch_window_ms": 0.0}
+            )
+        }
+    )
     service = QueryService(cfg, store, HashEmbedder(), Sink())
     yield loop, store, service, cfg
     # not vacuous: many callers could read something that their filter let through
@@ -157,8 +186,9 @@ def world(tmp_path_factory):
     loop.close()
 
 
-@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=70, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(docs=documents, caller_list=st.lists(callers, min_size=1, max_size=6))
 def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(world, docs, caller_list):
     loop, store, service, cfg = world
@@ -167,14 +197,26 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
     points, owner = [], {}
     for i, d in enumerate(docs):
         doc_id = f"{run}-d{i}"  # unique across tenants, so a leaked hit is recognisable
-        event = DocumentUpsert(type="upsert", tenant_id=tenants[d["tenant"]], doc_id=doc_id, version=1,
-                               title=doc_id, text="x", metadata=d["meta"],
-                               access={"public": d["public"], "users": d["users"], "groups": d["groups"]})
+        event = DocumentUpsert(
+            type="upsert",
+            tenant_id=tenants[d["tenant"]],
+            doc_id=doc_id,
+            version=1,
+            title=doc_id,
+            text="x",
+            metadata=d["meta"],
+            access={"public": d["public"], "users": d["users"], "groups": d["groups"]},
+        )
         owner[doc_id] = d
         for c in range(d["chunks"]):
             chunk = Chunk(index=c, text=f"{doc_id}/{c}", tokens=1, start_char=0, end_char=1)
-            points.append(ChunkPoint(chunk_point_id(event.tenant_id, doc_id, c), unit(d["seed"] + c),
-                                     chunk_payload(event, chunk, HashEmbedder.name)))
+            points.append(
+                ChunkPoint(
+                    chunk_point_id(event.tenant_id, doc_id, c),
+                    unit(d["seed"] + c),
+                    chunk_payload(event, chunk, HashEmbedder.name),
+                )
+            )
 
     async def scenario():
         await store.upsert_chunks(points)
@@ -182,12 +224,19 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
         for caller in caller_list:
             if caller["claimed_tenant"] is None:
                 caller = {**caller, "claimed_tenant": caller["tenant"]}
-            token = mint_token(cfg.query, tenant=tenants[caller["tenant"]], user=caller["user"],
-                               groups=caller["groups"])
-            body = {"request_id": uuid.uuid4().hex, "tenant_id": tenants[caller["claimed_tenant"]], "token": token,
-                    "query": f"q{caller['seed']}", "top_k": cfg.query.max_top_k, "reply_topic": cfg.kafka.replies_topic,
-                    "deadline_ms": int(time.time() * 1000) + 60_000,
-                    "search": {"exact": caller["exact"]}}
+            token = mint_token(
+                cfg.query, tenant=tenants[caller["tenant"]], user=caller["user"], groups=caller["groups"]
+            )
+            body = {
+                "request_id": uuid.uuid4().hex,
+                "tenant_id": tenants[caller["claimed_tenant"]],
+                "token": token,
+                "query": f"q{caller['seed']}",
+                "top_k": cfg.query.max_top_k,
+                "reply_topic": cfg.kafka.replies_topic,
+                "deadline_ms": int(time.time() * 1000) + 60_000,
+                "search": {"exact": caller["exact"]},
+            }
             if caller["filter"] is not None:
                 body["filter"] = caller["filter"]
             reply = await service.handle(body["request_id"].encode(), json.dumps(body).encode())
@@ -202,9 +251,13 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
                 assert readable(owner[doc_id], caller["tenant"], caller["user"], caller["groups"]), doc_id
                 assert passes(caller["filter"], owner[doc_id]["meta"]), doc_id
             # completeness: every readable chunk passing the filter is found (top_k exceeds them all)
-            expected = {(f"{run}-d{i}", c) for i, d in enumerate(docs) for c in range(d["chunks"])
-                        if readable(d, caller["tenant"], caller["user"], caller["groups"])
-                        and passes(caller["filter"], d["meta"])}
+            expected = {
+                (f"{run}-d{i}", c)
+                for i, d in enumerate(docs)
+                for c in range(d["chunks"])
+                if readable(d, caller["tenant"], caller["user"], caller["groups"])
+                and passes(caller["filter"], d["meta"])
+            }
             assert got == expected
             # the raw HNSW search with the same filter is safe too, whatever it misses
             principal = Principal(tenants[caller["tenant"]], caller["user"], tuple(caller["groups"]))

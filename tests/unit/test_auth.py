@@ -52,10 +52,14 @@ def test_wrong_secret_issuer_or_audience(cfg):
     v = TokenVerifier(cfg)
     other = QuerySettings(hs256_secret="another-secret-that-is-long-enough-0123456789")
     assert code_of(v, mint_token(other, tenant="acme", user="a")) == ErrorCode.UNAUTHENTICATED
-    assert code_of(v, mint_token(cfg.model_copy(update={"issuer": "evil"}), tenant="acme", user="a")) == \
-        ErrorCode.UNAUTHENTICATED
-    assert code_of(v, mint_token(cfg.model_copy(update={"audience": "x"}), tenant="acme", user="a")) == \
-        ErrorCode.UNAUTHENTICATED
+    assert (
+        code_of(v, mint_token(cfg.model_copy(update={"issuer": "evil"}), tenant="acme", user="a"))
+        == ErrorCode.UNAUTHENTICATED
+    )
+    assert (
+        code_of(v, mint_token(cfg.model_copy(update={"audience": "x"}), tenant="acme", user="a"))
+        == ErrorCode.UNAUTHENTICATED
+    )
 
 
 def test_required_claims(cfg):
@@ -80,10 +84,14 @@ def test_unsigned_and_unexpected_algorithms_are_refused(cfg):
 
 def rsa_pair():
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     return private, public
 
 

@@ -16,25 +16,31 @@ from pipeline.calibration import calibration_texts
 from pipeline.errors import ConfigurationError
 
 
-@pytest.mark.parametrize(("flags", "isa"), [
-    ({"avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"}, "amx"),
-    ({"avx2", "avx512f", "avx512bw", "avx512_vnni"}, "avx512_vnni"),
-    ({"avx2", "avx_vnni"}, "avx512_vnni"),
-    ({"avx2", "avx512f", "avx512bw"}, "avx512"),
-    ({"avx2", "fma"}, "avx2"),
-    (set(), "generic"),
-])
+@pytest.mark.parametrize(
+    ("flags", "isa"),
+    [
+        ({"avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"}, "amx"),
+        ({"avx2", "avx512f", "avx512bw", "avx512_vnni"}, "avx512_vnni"),
+        ({"avx2", "avx_vnni"}, "avx512_vnni"),
+        ({"avx2", "avx512f", "avx512bw"}, "avx512"),
+        ({"avx2", "fma"}, "avx2"),
+        (set(), "generic"),
+    ],
+)
 def test_isa_is_the_best_int8_instruction_set_of_the_cpu(flags, isa):
     assert cpu_isa(flags) == isa
 
 
-@pytest.mark.parametrize(("isa", "backend"), [
-    ("amx", "openvino-int8"),
-    ("avx512_vnni", "openvino-int8"),
-    ("avx512", "openvino"),  # int8 without a one-instruction dot product was measured slower than fp32
-    ("avx2", "openvino"),
-    ("generic", "openvino"),
-])
+@pytest.mark.parametrize(
+    ("isa", "backend"),
+    [
+        ("amx", "openvino-int8"),
+        ("avx512_vnni", "openvino-int8"),
+        ("avx512", "openvino"),  # int8 without a one-instruction dot product was measured slower than fp32
+        ("avx2", "openvino"),
+        ("generic", "openvino"),
+    ],
+)
 def test_auto_backend_uses_int8_only_where_the_cpu_multiplies_int8_fast(isa, backend):
     assert auto_backend(isa) == backend
 

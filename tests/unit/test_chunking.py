@@ -52,8 +52,11 @@ def test_title_leads_the_text(tokenizer):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    words=st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
-                           max_size=30), min_size=1, max_size=400),
+    words=st.lists(
+        st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30),
+        min_size=1,
+        max_size=400,
+    ),
     max_tokens=st.integers(min_value=16, max_value=254),
     overlap_frac=st.floats(min_value=0, max_value=0.5),
 )
@@ -66,7 +69,7 @@ def test_property_every_chunk_fits_and_every_word_is_covered(tokenizer, words, m
         return
     for c in chunks:
         assert count(tokenizer, c.text) <= max_tokens
-        assert c.text == text[c.start_char:c.end_char]
+        assert c.text == text[c.start_char : c.end_char]
     # coverage: every non-space character of the text lies in some chunk
     covered = [False] * len(text)
     for c in chunks:

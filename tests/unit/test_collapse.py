@@ -57,12 +57,12 @@ def test_documents_and_tenants_are_independent():
 
 def test_stale_and_replayed_events_produce_no_op():
     stored = {K: DocState("acme", "a", 5)}
-    assert net(up("a", 4), stored=stored) == {}            # older: ignored
-    assert net(up("a", 5), stored=stored) == {}            # same: a replay
+    assert net(up("a", 4), stored=stored) == {}  # older: ignored
+    assert net(up("a", 5), stored=stored) == {}  # same: a replay
     assert net(up("a", 6), stored=stored)[K].version == 6  # newer: applied
-    assert net(de("a", 5), stored=stored)[K].is_delete     # delete of the same version wins
+    assert net(de("a", 5), stored=stored)[K].is_delete  # delete of the same version wins
     deleted = {K: DocState("acme", "a", 5, deleted=True)}
-    assert net(de("a", 5), stored=deleted) == {}           # deleting twice is a replay
-    assert net(up("a", 5), stored=deleted) == {}           # delete wins over same-version upsert
+    assert net(de("a", 5), stored=deleted) == {}  # deleting twice is a replay
+    assert net(up("a", 5), stored=deleted) == {}  # delete wins over same-version upsert
     assert net(Tombstone("acme", "a"), stored=deleted) == {}
     assert net(up("a", 0))[K].version == 0

@@ -7,8 +7,10 @@ from hypothesis import strategies as st
 from pipeline.embedding import token_budget_batches
 
 
-@given(lengths=st.lists(st.integers(min_value=1, max_value=256), max_size=300),
-       budget=st.integers(min_value=256, max_value=20000))
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=256), max_size=300),
+    budget=st.integers(min_value=256, max_value=20000),
+)
 def test_batches_cover_every_index_once_within_budget(lengths, budget):
     batches = token_budget_batches(lengths, budget)
     flat = [i for b in batches for i in b]

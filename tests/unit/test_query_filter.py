@@ -19,11 +19,13 @@ from pipeline.store.base import (
 
 
 def test_conditions_map_to_meta_keys():
-    flt = caller_filter({
-        "must": [{"key": "year", "range": {"gte": 2020, "lt": 2024}}, {"key": "draft", "match": False}],
-        "should": [{"key": "lang", "match": "en"}, {"key": "tags", "any": ["a", "b"]}],
-        "must_not": [{"key": "n", "any": [1, 2]}],
-    })
+    flt = caller_filter(
+        {
+            "must": [{"key": "year", "range": {"gte": 2020, "lt": 2024}}, {"key": "draft", "match": False}],
+            "should": [{"key": "lang", "match": "en"}, {"key": "tags", "any": ["a", "b"]}],
+            "must_not": [{"key": "n", "any": [1, 2]}],
+        }
+    )
     assert flt == Filter(
         must=(Range("meta.year", gte=2020, lt=2024), Match("meta.draft", False)),
         should=(Match("meta.lang", "en"), MatchAny("meta.tags", ("a", "b"))),
@@ -37,9 +39,22 @@ def test_empty_filter_is_none():
     assert caller_filter({"must": [], "should": []}) is None
 
 
-@pytest.mark.parametrize("key", sorted(RESERVED_FIELDS) + [
-    "meta", "title", "text", "chunk_index", "meta.year", "meta.tenant_id", "a.b", "tags[0]", "$where", "TENANT_ID",
-])
+@pytest.mark.parametrize(
+    "key",
+    sorted(RESERVED_FIELDS)
+    + [
+        "meta",
+        "title",
+        "text",
+        "chunk_index",
+        "meta.year",
+        "meta.tenant_id",
+        "a.b",
+        "tags[0]",
+        "$where",
+        "TENANT_ID",
+    ],
+)
 def test_reserved_fields_and_paths_are_forbidden(key):
     with pytest.raises(FilterError) as info:
         caller_filter({"must": [{"key": key, "match": "x"}]})
@@ -58,17 +73,20 @@ def test_keys_that_are_not_metadata_keys_are_bad_requests(key):
     assert not info.value.forbidden
 
 
-@pytest.mark.parametrize("bad", [
-    {"must": [{"key": "year", "range": {}}]},  # no bound
-    {"must": [{"key": "year", "match": 1.5}]},  # floats only in ranges
-    {"must": [{"key": "year", "any": []}]},
-    {"must": [{"key": "year", "match": "x", "any": ["y"]}]},  # one operator per condition
-    {"must": [{"key": "year"}]},
-    {"must": [{"key": "year", "match": "x"}] * 17},  # too many conditions
-    {"must": [{"key": "year", "match": {"nested": 1}}]},
-    {"filter": []},
-    {"must": [{"key": "year", "range": {"gt": "2020"}}]},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"must": [{"key": "year", "range": {}}]},  # no bound
+        {"must": [{"key": "year", "match": 1.5}]},  # floats only in ranges
+        {"must": [{"key": "year", "any": []}]},
+        {"must": [{"key": "year", "match": "x", "any": ["y"]}]},  # one operator per condition
+        {"must": [{"key": "year"}]},
+        {"must": [{"key": "year", "match": "x"}] * 17},  # too many conditions
+        {"must": [{"key": "year", "match": {"nested": 1}}]},
+        {"filter": []},
+        {"must": [{"key": "year", "range": {"gt": "2020"}}]},
+    ],
+)
 def test_malformed_filters_fail_validation(bad):
     with pytest.raises(ValidationError):
         caller_filter(bad)
@@ -79,8 +97,9 @@ def test_search_filter_ands_tenant_access_and_caller():
     caller = caller_filter({"must": [{"key": "lang", "match": "en"}]})
     flt = search_filter(p, caller)
     assert flt.must[0] == Match(TENANT, "acme")
-    assert flt.must[1] == Filter(should=(Match(ACL_PUBLIC, True), Match(ACL_USERS, "alice"),
-                                         MatchAny(ACL_GROUPS, ("ops", "eng"))))
+    assert flt.must[1] == Filter(
+        should=(Match(ACL_PUBLIC, True), Match(ACL_USERS, "alice"), MatchAny(ACL_GROUPS, ("ops", "eng")))
+    )
     assert flt.must[2] is caller
     assert not flt.should and not flt.must_not  # a caller's should/must_not stay nested, they cannot widen it
     assert search_filter(p) == Filter(must=flt.must[:2])

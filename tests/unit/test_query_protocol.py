@@ -31,14 +31,25 @@ class NoEmbedder:
 @pytest.fixture(scope="module")
 def cfg():
     s = Settings(_env_file=None)
-    return s.model_copy(update={"query": s.query.model_copy(update={"hs256_secret": SecretStr(SECRET),
-                                                                       "max_concurrency": 1, "max_queue": 1})})
+    return s.model_copy(
+        update={
+            "query": s.query.model_copy(
+                update={"hs256_secret": SecretStr(SECRET), "max_concurrency": 1, "max_queue": 1}
+            )
+        }
+    )
 
 
 def raw(cfg, **over):
-    body = {"request_id": "r1", "tenant_id": "acme", "query": "q", "reply_topic": cfg.kafka.replies_topic,
-            "deadline_ms": int(time.time() * 1000) + 5000,
-            "token": mint_token(cfg.query, tenant="acme", user="u"), **over}
+    body = {
+        "request_id": "r1",
+        "tenant_id": "acme",
+        "query": "q",
+        "reply_topic": cfg.kafka.replies_topic,
+        "deadline_ms": int(time.time() * 1000) + 5000,
+        "token": mint_token(cfg.query, tenant="acme", user="u"),
+        **over,
+    }
     return b"r1", json.dumps(body).encode()
 
 
@@ -102,13 +113,16 @@ def test_reply_record_shape(cfg):
     assert isinstance(parsed, QueryFailure) and parsed.error.code == ErrorCode.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize("key,value,request_id", [
-    (b"k1", b"\xff\xfe", "k1"),
-    (None, b"[]", ""),
-    (b"k2", b'{"request_id": "from-body", "reply_topic": 5}', "from-body"),
-    (b"k3", None, "k3"),
-    (b"k4", b"x" * 70_000, "k4"),
-])
+@pytest.mark.parametrize(
+    "key,value,request_id",
+    [
+        (b"k1", b"\xff\xfe", "k1"),
+        (None, b"[]", ""),
+        (b"k2", b'{"request_id": "from-body", "reply_topic": 5}', "from-body"),
+        (b"k3", None, "k3"),
+        (b"k4", b"x" * 70_000, "k4"),
+    ],
+)
 def test_unreadable_requests_still_get_a_reply(cfg, key, value, request_id):
     svc = QueryService(cfg, NoStore(), NoEmbedder(), sink=None)
     reply = svc.admit(key, value)
@@ -125,10 +139,15 @@ def test_hits_table():
     from pipeline.client import hits_table
     from schemas.queries import QueryHit, QueryResult
 
-    result = QueryResult(request_id="r", took_ms=1.0, model="m", hits=[
-        QueryHit(doc_id="pw", chunk_index=0, score=0.91234, title="Reset", text="Reset\n\nOpen the settings."),
-        QueryHit(doc_id="x" * 80, chunk_index=3, score=0.5, title="T", text=None),
-    ])
+    result = QueryResult(
+        request_id="r",
+        took_ms=1.0,
+        model="m",
+        hits=[
+            QueryHit(doc_id="pw", chunk_index=0, score=0.91234, title="Reset", text="Reset\n\nOpen the settings."),
+            QueryHit(doc_id="x" * 80, chunk_index=3, score=0.5, title="T", text=None),
+        ],
+    )
     lines = hits_table(result, width=100).splitlines()
     assert lines[0].split() == ["#", "score", "doc_id", "chunk", "title", "text"]
     assert "0.912" in lines[2] and "Open the settings." in lines[2] and "Reset  Reset" not in lines[2]

@@ -28,12 +28,19 @@ def test_json_schema_rejects_unknown_fields_like_the_model():
 def test_strict_types_no_coercion():
     with pytest.raises(ValidationError):
         document_event_adapter.validate_python(
-            {"type": "upsert", "tenant_id": "a", "doc_id": "b", "version": "3", "text": "x"})
+            {"type": "upsert", "tenant_id": "a", "doc_id": "b", "version": "3", "text": "x"}
+        )
 
 
 def test_metadata_is_flat_and_access_defaults_to_private():
-    ev = DocumentUpsert(type="upsert", tenant_id="a", doc_id="b", version=1, text="x",
-                        metadata={"year": 2020, "tags": ["x", "y"], "score": 0.5, "draft": False, "lang": "en"})
+    ev = DocumentUpsert(
+        type="upsert",
+        tenant_id="a",
+        doc_id="b",
+        version=1,
+        text="x",
+        metadata={"year": 2020, "tags": ["x", "y"], "score": 0.5, "draft": False, "lang": "en"},
+    )
     assert ev.access == AccessControl(public=False, users=[], groups=[])
     assert ev.key == "a/b"
 
