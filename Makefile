@@ -10,7 +10,7 @@ install:
 
 ## the main job on the embedded defaults: Tansu broker + worker + Qdrant Edge, indexing this repo's docs
 demo: install
-	$(PYTHON) -m pipeline.cli demo
+	$(PYTHON) -m agents.cli demo
 
 ## the whole default test suite (unit, contract, component, integration on Apache Kafka and Tansu)
 test: install
@@ -35,7 +35,7 @@ bench: install
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pipeline.settings_doc --check
-	$(PYTHON) -m pipeline.cli schemas --check
+	$(PYTHON) -m agents.cli schemas --check
 
 ## docs/dashboard.png: a real workload scraped by a real Prometheus, every dashboard panel plotted
 dashboard: install
@@ -44,7 +44,7 @@ dashboard: install
 	$(PYTHON) -m benchmarks.dashboard
 
 schemas: install
-	$(PYTHON) -m pipeline.cli schemas
+	$(PYTHON) -m agents.cli schemas
 
 clean:
 	rm -rf .vectorstream .pytest_cache .hypothesis

@@ -731,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log = work / "worker.log"
                 with open(log, "ab") as fh:
                     worker = subprocess.Popen(
-                        [sys.executable, "-m", "pipeline.cli", "worker"],
+                        [sys.executable, "-m", "agents.cli", "worker"],
                         env=env,
                         cwd=ROOT,
                         stdout=fh,

@@ -148,39 +148,3 @@ async def check_topic(
         return await check_store(store, expected, events=events, dead_letters=bad)
     finally:
         await store.close()
-
-
-def run_check_command(settings: Settings | None = None) -> int:
-    """``vectorstream check``: print the consistency summary; exit 1 when inconsistent, 2 when it cannot check."""
-    import asyncio
-    import sys
-
-    from pipeline.embedding import Embedder
-    from pipeline.errors import StoreUnavailableError, VectorstreamError
-
-    settings = settings or Settings()
-
-    def say(text: str) -> None:
-        print(f"... {text}", file=sys.stderr, flush=True)
-
-    say("loading the model's tokenizer (chunks are cut exactly as the worker cuts them)")
-    embedder = Embedder(settings)
-    try:
-        report = asyncio.run(
-            check_topic(settings, embedder.chunker(), model=embedder.name, dim=embedder.dim, progress=say)
-        )
-    except LookupError as exc:
-        print(f"cannot check: {exc}", file=sys.stderr)
-        return 2
-    except StoreUnavailableError as exc:
-        print(f"cannot check: {exc} (is a worker still using this Qdrant Edge folder? stop it first)", file=sys.stderr)
-        return 2
-    except VectorstreamError as exc:
-        print(f"cannot check: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        embedder.close()
-    print(report.summary())
-    for example in report.examples:
-        print(f"  {example}")
-    return 0 if report.ok else 1

@@ -6,8 +6,6 @@ tenant's filter (and optionally a caller's access rule), as the query agent woul
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import random
 import statistics
@@ -248,19 +246,3 @@ async def run_recall(
     print(f"\n{info.chunk_count} chunks; {source}; {scope}; k={k}; latency is the store's search call in-process")
     print(format_table(rows, k=k, n=len(cases)))
     return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    efs = tuple(int(x) for x in str(args.ef).split(",") if x.strip())
-    return asyncio.run(
-        run_recall(
-            queries=args.queries,
-            n=args.n,
-            k=args.k,
-            efs=efs,
-            tenants=args.tenant or (),
-            user=args.user,
-            groups=args.group or (),
-            seed=args.seed,
-        )
-    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from pipeline.cli import main as cli
+from agents.cli import main as cli
 from pipeline.store import DOC, TENANT, VERSION, Filter, Match, open_store
 from tests.chaos.harness import (
     Scenario,

@@ -59,7 +59,7 @@ class WorkerProcess:
         log.write(f"\n===== start {time.strftime('%X')} =====\n")
         log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"],
+            [sys.executable, "-m", "agents.cli", "worker"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -136,7 +136,7 @@ def test_invalid_request_with_a_passed_deadline_is_dropped(cfg):
 
 
 def test_hits_table():
-    from pipeline.client import hits_table
+    from agents.commands import hits_table
     from schemas.queries import QueryHit, QueryResult
 
     result = QueryResult(

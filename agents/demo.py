@@ -142,7 +142,7 @@ def run_demo(data_dir: str, tenant: str, source: str) -> int:
         print(f"broker: Tansu at {broker.bootstrap_servers}; worker log: {log_path}")
         with open(log_path, "w") as log_file:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "agents.cli", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
             )
         try:
             from pipeline.settings import Settings
@@ -195,8 +195,9 @@ DEMO_QUESTIONS = (
 
 async def _ask(bootstrap: str, settings: Any, tenant: str) -> None:
     """Ask DEMO_QUESTIONS over Kafka as user "demo-user" of group "ops" and print each answer as a table."""
+    from agents.commands import hits_table
     from pipeline.auth import mint_token
-    from pipeline.client import QueryClient, QueryFailed, hits_table
+    from pipeline.client import QueryClient, QueryFailed
 
     k = settings.kafka
     token = mint_token(settings.query, tenant=tenant, user="demo-user", groups=["ops"])

@@ -69,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_worker()
     if args.command == "demo":
-        from pipeline.demo import run_demo
+        from agents.demo import run_demo
 
         return run_demo(data_dir=args.data_dir, tenant=args.tenant, source=args.source)
     if args.command == "query":
         import asyncio
 
-        from pipeline.client import run_query_command
+        from agents.commands import run_query_command
 
         return asyncio.run(
             run_query_command(
@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "recall":
-        from pipeline.recall import main as recall_main
+        from agents.commands import run_recall_command as recall_main
 
         return recall_main(args)
     if args.command == "check":
-        from pipeline.consistency import run_check_command
+        from agents.commands import run_check_command
 
         return run_check_command()
     if args.command == "schemas":
