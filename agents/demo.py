@@ -116,7 +116,7 @@ async def _publish(bootstrap: str, topic: str, events: list[DocumentUpsert]) -> 
 def run_demo(data_dir: str, tenant: str, source: str) -> int:
     from tqdm import tqdm
 
-    from pipeline.broker import Tansu
+    from pipeline.embedded_broker import Tansu
 
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)

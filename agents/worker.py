@@ -13,45 +13,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
-
 from pipeline import __version__
 from pipeline import metrics as m
 from pipeline.errors import ConfigurationError
+from pipeline.kafka import ensure_topics
 from pipeline.settings import Settings
 
 log = logging.getLogger("vectorstream.worker")
-
-#: the dead-letter topic holds whole rejected records, including oversize ones
-DLQ_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-async def ensure_topics(settings: Settings) -> None:
-    """Create the documents, dead-letter, queries and replies topics if they do not exist."""
-    k = settings.kafka
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, request_timeout_ms=15000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [
-            NewTopic(k.documents_topic, k.partitions, k.replication_factor),
-            NewTopic(
-                k.dead_letter_topic,
-                k.partitions,
-                k.replication_factor,
-                topic_configs={"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)},
-            ),
-            NewTopic(k.queries_topic, k.partitions, k.replication_factor),
-            NewTopic(k.replies_topic, k.partitions, k.replication_factor),
-        ]
-        missing = [t for t in wanted if t.name not in existing]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(missing)
-            log.info("created topics %s", ", ".join(t.name for t in missing))
-    finally:
-        await admin.close()
 
 
 def configure_logging(level: str) -> None:

@@ -465,7 +465,7 @@ class Topics:
         }
 
     async def create(self, bootstrap: str, partitions: int) -> None:
-        from pipeline.broker import create_topics
+        from pipeline.kafka import create_topics
 
         await create_topics(
             bootstrap,
@@ -703,7 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tools = ensure_prometheus(install=os.environ.get("CI", "").lower() in {"1", "true", "yes"})
     if tools is None:
         raise SystemExit(f"prometheus and promtool are needed: run {INSTALL_SCRIPT.relative_to(ROOT)}")
-    from pipeline.broker import ApacheKafka, Tansu
+    from pipeline.embedded_broker import Tansu
+    from tests.support.apache_kafka import ApacheKafka
 
     work = Path(tempfile.mkdtemp(prefix="vectorstream-dashboard-"))
     metrics_port = free_port()

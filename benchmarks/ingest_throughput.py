@@ -114,7 +114,7 @@ async def _publish(bootstrap: str, topic: str, docs: list[Doc], tenant: str) -> 
 
 def start_worker(bootstrap: str, store_path: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> Any:
     """A real ``vectorstream worker`` subprocess on its own topic, group and store folder."""
-    from pipeline.broker import create_topics
+    from pipeline.kafka import create_topics
     from tests.integration.workers import WorkerProcess
 
     run = uuid.uuid4().hex[:8]
@@ -199,9 +199,9 @@ def measure_end_to_end(
 
 def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
     offline()
-    from pipeline.broker import ApacheKafka
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
+    from tests.support.apache_kafka import ApacheKafka
 
     settings = Settings(_env_file=None)
     machine = machine_info()

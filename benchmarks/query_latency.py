@@ -285,10 +285,10 @@ def _load() -> str:
 
 def run(n: int = 1000, recall_n: int = 200, keep: bool = False) -> dict[str, Any]:
     offline()
-    from pipeline.broker import ApacheKafka
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
     from tests.integration.workers import WorkerProcess
+    from tests.support.apache_kafka import ApacheKafka
 
     scratch = Path(tempfile.mkdtemp(prefix="vs-query-bench-"))
     store_path = scratch / "edge"
@@ -417,7 +417,7 @@ def write(results: dict[str, Any], recall: dict[str, Any], *, n: int, recall_n: 
         "year uniform in 2000-2024, lang en 80 % / de 10 % / fr 10 %.",
         f"* **Store.** Written directly into a Qdrant Edge store (upserts {s['upsert_seconds']:.1f} s, HNSW "
         f"build {s['index_seconds']:.1f} s, m=16, ef_construct=128), then served by a real `vectorstream worker` "
-        "process (query agent next to the ingest agent) on Apache Kafka 3.9.1 started by `pipeline.broker`.",
+        "process (query agent next to the ingest agent) on Apache Kafka 3.9.1 started by `tests.support.apache_kafka`.",
         "* **Requests.** Real scifact query texts (300 claims), each from a random caller: a random tenant, one "
         "of the 20 users and 0-2 groups, a signed HS256 token. top_k 10, hnsw_ef 128 (the default). Every "
         "search carries the tenant and access filter; rows marked `+ caller` also carry the caller filter "

@@ -83,9 +83,9 @@ def _edit(doc: Doc, tag: str) -> Doc:
 def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
     offline()
     from benchmarks.ingest_throughput import start_worker
-    from pipeline.broker import ApacheKafka
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
+    from tests.support.apache_kafka import ApacheKafka
 
     machine = machine_info()
     docs = load_corpus(docs_n)

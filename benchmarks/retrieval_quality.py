@@ -121,8 +121,8 @@ async def _ask_all(bootstrap: str, token: str, queries: dict[str, str]) -> tuple
 def end_to_end(docs: list[Doc], queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
     from benchmarks.ingest_throughput import _publish, chunks_embedded, start_worker
     from pipeline.auth import mint_token
-    from pipeline.broker import ApacheKafka
     from pipeline.settings import Settings
+    from tests.support.apache_kafka import ApacheKafka
 
     scratch = Path(tempfile.mkdtemp(prefix="vectorstream-bench-quality-"))
     broker = ApacheKafka(quiet=True)

@@ -213,9 +213,9 @@ def run(
     scales: tuple[int, ...] = SCALES, write: bool = True, e2e: bool = True, layout: str = "scale"
 ) -> dict[str, Any]:
     offline()
-    from pipeline.broker import ApacheKafka
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
+    from tests.support.apache_kafka import ApacheKafka
 
     machine = machine_info()
     settings = Settings(_env_file=None)

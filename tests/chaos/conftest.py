@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import ApacheKafka
 from tests.integration.conftest import _session_broker, unique_name  # noqa: F401 - unique_name is a fixture
+from tests.support.apache_kafka import ApacheKafka
 
 _HERE = Path(__file__).resolve().parent
 

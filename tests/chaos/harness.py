@@ -21,10 +21,10 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from pipeline.broker import create_topics
 from pipeline.client import read_records
 from pipeline.consistency import ConsistencyReport, check_store, check_topic, expected_state
 from pipeline.decode import Record
+from pipeline.kafka import create_topics
 from pipeline.settings import Settings
 from pipeline.store import open_store
 from schemas.dead_letter import DEAD_LETTER_HEADERS as H

@@ -201,8 +201,8 @@ def render(
     slow: bool,
     commit: str,
 ) -> str:
-    from pipeline.broker import KAFKA_VERSION
     from pipeline.settings import Settings
+    from tests.support.apache_kafka import KAFKA_VERSION
 
     by_scenario: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -218,7 +218,8 @@ def render(
         f"commit {commit}",
         f"- machine: {machine()}; load average at the start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(the machine is shared)",
-        f"- broker: Apache Kafka {KAFKA_VERSION} (KRaft, one node) started by `pipeline.broker`; workers: real "
+        f"- broker: Apache Kafka {KAFKA_VERSION} (KRaft, one node) started by `tests.support.apache_kafka`; "
+        "workers: real "
         f"`vectorstream worker` processes; store: Qdrant Edge; embeddings: all-MiniLM-L6-v2 on "
         f"{Settings(_env_file=None).model.backend}",
         "",

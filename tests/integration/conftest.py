@@ -15,7 +15,8 @@ from typing import TypeVar
 
 import pytest
 
-from pipeline.broker import ApacheKafka, BrokerUnavailable, LocalBroker, Tansu
+from pipeline.embedded_broker import BrokerUnavailable, LocalBroker, Tansu
+from tests.support.apache_kafka import ApacheKafka
 
 _HERE = Path(__file__).resolve().parent
 _B = TypeVar("_B", bound=LocalBroker)

@@ -14,7 +14,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, UnknownError
 
-from pipeline.broker import ApacheKafka, Tansu, create_topics, wait_ready
+from pipeline.embedded_broker import Tansu, wait_ready
+from pipeline.kafka import create_topics
+from tests.support.apache_kafka import ApacheKafka
 
 #: consumer settings that make group joins fast on both brokers (Tansu's first join waits half a session)
 FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}

@@ -2,7 +2,7 @@
 
 import base64
 
-from pipeline.broker import kraft_cluster_id
+from tests.support.apache_kafka import kraft_cluster_id
 
 
 def test_kraft_cluster_ids_never_start_with_a_dash_and_decode_to_16_bytes():
