@@ -17,15 +17,6 @@ import numpy as np
 import qdrant_edge as qe
 
 from pipeline.errors import ModelMismatchError, StoreUnavailableError, VectorstreamError
-from pipeline.store import (
-    META_POINT_ID,
-    REGISTRY_VECTOR,
-    check_meta,
-    doc_state_from_payload,
-    doc_state_payload,
-    meta_payload,
-    registry_name,
-)
 from pipeline.store.base import (
     ACL_GROUPS,
     ACL_PUBLIC,
@@ -46,6 +37,15 @@ from pipeline.store.base import (
     VectorLayout,
     VectorStore,
     doc_point_id,
+)
+from pipeline.store.registry import (
+    META_POINT_ID,
+    REGISTRY_VECTOR,
+    check_meta,
+    doc_state_from_payload,
+    doc_state_payload,
+    meta_payload,
+    registry_name,
 )
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class EdgeStore(VectorStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> EdgeStore:
-        from pipeline.store import layout_from_settings
+        from pipeline.store.common import layout_from_settings
 
         return cls(
             settings.path,

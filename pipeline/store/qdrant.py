@@ -20,15 +20,6 @@ from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from pipeline.errors import ConfigurationError, ModelMismatchError, StoreUnavailableError, VectorstreamError
-from pipeline.store import (
-    META_POINT_ID,
-    REGISTRY_VECTOR,
-    check_meta,
-    doc_state_from_payload,
-    doc_state_payload,
-    meta_payload,
-    registry_name,
-)
 from pipeline.store.base import (
     ACL_GROUPS,
     ACL_PUBLIC,
@@ -49,6 +40,15 @@ from pipeline.store.base import (
     VectorLayout,
     VectorStore,
     doc_point_id,
+)
+from pipeline.store.registry import (
+    META_POINT_ID,
+    REGISTRY_VECTOR,
+    check_meta,
+    doc_state_from_payload,
+    doc_state_payload,
+    meta_payload,
+    registry_name,
 )
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class QdrantStore(VectorStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> QdrantStore:
-        from pipeline.store import layout_from_settings
+        from pipeline.store.common import layout_from_settings
 
         if settings.url:
             where: dict[str, Any] = {"url": settings.url}

@@ -7,7 +7,8 @@ import asyncio
 import random
 
 from agents.cli import main as cli
-from pipeline.store import DOC, TENANT, VERSION, Filter, Match, open_store
+from pipeline.store import open_store
+from pipeline.store.base import DOC, TENANT, VERSION, Filter, Match
 from tests.chaos.harness import (
     Scenario,
     assert_consistent,
@@ -47,7 +48,7 @@ def shuffled_versions(rng: random.Random, docs: int) -> tuple[list[tuple[bytes, 
 
 
 async def live_versions(settings, embedder) -> dict[tuple[str, str], set[int]]:
-    store = open_store(settings)
+    store = open_store(settings.store)
     await store.open(model=embedder.name, dim=embedder.dim)
     try:
         hits = await store.scroll(None, limit=1_000_000)
@@ -114,7 +115,7 @@ async def test_duplicates_and_out_of_order_versions_newest_wins(
     assert await asyncio.to_thread(cli, ["check"]) == 0
     assert capsys.readouterr().out.startswith("consistent:")
     tenant, doc = next(k for k, v in newest.items() if v)
-    store = open_store(sc.settings)
+    store = open_store(sc.settings.store)
     await store.open(model=embedder.name, dim=embedder.dim)
     try:
         gone = await store.count(Filter(must=(Match(TENANT, tenant), Match(DOC, doc))))

@@ -1,0 +1,165 @@
+"""The ingest agent: batches of raw records in, offsets acked only after the store (or the dead-letter topic)
+confirmed them; its dead-letter producer, index timer and lag gauge. faust's ``take()`` acks in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+
+from pipeline import metrics as m
+from pipeline.decode import Record, Rejected
+from pipeline.errors import BreakerOpenError, BrokerUnavailableError, ShutdownRequested
+from pipeline.ingest import IngestService
+from pipeline.settings import Settings
+from schemas.dead_letter import DEAD_LETTER_HEADERS as H
+
+log = logging.getLogger(__name__)
+
+#: a dead letter that the dead-letter topic cannot hold whole keeps this many bytes of its value
+TRUNCATED_VALUE_BYTES = 64 * 1024
+
+
+def to_record(event: Any) -> Record:
+    msg = event.message
+    headers = msg.headers or ()
+    if isinstance(headers, dict):
+        headers = tuple(headers.items())
+    ts = msg.timestamp
+    return Record(
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=event.key,
+        value=event.value,
+        timestamp_ms=int(ts * 1000) if ts else None,
+        headers=tuple((str(k), bytes(v) if v is not None else b"") for k, v in headers),
+    )
+
+
+class FaustDeadLetters:
+    """Produces dead letters with faust's producer and waits for the broker's acknowledgement."""
+
+    def __init__(self, app: faust.App, topic: str) -> None:
+        self.app = app
+        self.topic = topic
+
+    async def send(self, record: Record, rejected: Rejected) -> None:
+        headers = [
+            (H["source_topic"], record.topic.encode()),
+            (H["source_partition"], str(record.partition).encode()),
+            (H["source_offset"], str(record.offset).encode()),
+            (H["stage"], rejected.stage.value.encode()),
+            (H["reason"], rejected.reason.value.encode()),
+            (H["error"], rejected.message.encode("utf-8", "replace")[:2000]),
+        ]
+        if record.timestamp_ms is not None:
+            headers.append((H["source_timestamp_ms"], str(record.timestamp_ms).encode()))
+        value = record.value
+        try:
+            try:
+                await self.app.producer.send_and_wait(self.topic, record.key, value, None, None, headers)
+            except MessageSizeTooLargeError:
+                # keep the head of the value and its size rather than block the partition forever
+                size = len(value or b"")
+                headers.append(("vs-value-truncated-from-bytes", str(size).encode()))
+                await self.app.producer.send_and_wait(
+                    self.topic, record.key, (value or b"")[:TRUNCATED_VALUE_BYTES], None, None, headers
+                )
+        except KafkaError as exc:
+            raise BrokerUnavailableError(f"dead letter not confirmed by the broker: {exc!r}") from exc
+
+
+def install_ingest_agent(
+    app: faust.App, settings: Settings, service: IngestService, on_halt: Callable[[str], None] | None = None
+) -> Any:
+    documents = app.topic(
+        settings.kafka.documents_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    cfg = settings.ingest
+
+    async def ingest(stream: Any) -> None:
+        # noack_take yields events and leaves acking to us: we ack only after handle() returned, i.e.
+        # after the store confirmed every write or the dead-letter topic every rejection
+        async for events in stream.noack_take(cfg.max_batch_events, within=cfg.max_batch_wait_seconds):
+            records = [to_record(e) for e in events]
+            try:
+                report = await service.handle(records)
+            except ShutdownRequested:
+                # stopping while the batch waited for the store: nothing of it is acked, a restart replays it
+                log.warning("stopping: %d records given back uncommitted", len(records))
+                await asyncio.Event().wait()  # until faust cancels the agent
+            except BreakerOpenError as exc:
+                # stop consuming: nothing of this batch is acked, lag grows, /readyz and alerts say why
+                log.critical("ingest breaker open: %s", exc)
+                if on_halt is not None:
+                    on_halt(f"ingest breaker open: {exc}")
+                # the halted batch is given back, not finished: a shutdown or a rebalance must not wait for it to
+                # be acked (faust's stream_wait_empty would wait forever, so SIGTERM and rebalances would hang)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # faust warns that the setting was read before
+                    app.conf.stream_wait_empty = False
+                await asyncio.Event().wait()  # until the worker is stopped
+            for event in events:
+                await stream.ack(event)
+            log.debug("batch of %d: %s", len(records), report)
+
+    agent = app.agent(documents, name="vectorstream.ingest", concurrency=1)(ingest)
+
+    @app.timer(interval=1.0)
+    async def build_index() -> None:
+        # always build the ANN index: Qdrant Edge indexes only when asked
+        try:
+            await service.maybe_build_index(
+                idle_seconds=settings.store.index_idle_seconds, max_unindexed=settings.store.index_max_unindexed_points
+            )
+        except Exception:  # noqa: BLE001 - the next tick tries again; ingest is unaffected
+            log.exception("building the HNSW index failed; will retry")
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        update_consumer_lag(app, settings.kafka.documents_topic)
+
+    return agent
+
+
+def give_back_on_stop(app: faust.App, service: IngestService) -> None:
+    """Called on SIGTERM/SIGINT, before faust stops: a batch stuck in a retry loop is given back.
+
+    faust waits on shutdown until every taken event is acked (stream_wait_empty); a batch waiting for an
+    unavailable store never would be, so the worker would ignore SIGTERM until SIGKILL. A batch that is
+    making progress is still finished and committed as usual.
+    """
+    service.stopping = True
+    if service.paused:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # faust warns that the setting was read before
+            app.conf.stream_wait_empty = False
+
+
+def update_consumer_lag(app: faust.App, topic: str) -> None:
+    """Lag per assigned partition: log-end offset minus the committed offset (what a restart would replay)."""
+    consumer = app.consumer
+    assigned = {tp for tp in consumer.assignment() if tp.topic == topic}
+    # forget partitions this worker no longer owns, or their last value would stay on the dashboard
+    owned = {str(tp.partition) for tp in assigned}
+    for labels in list(m.CONSUMER_LAG._metrics):
+        if labels[0] not in owned:
+            m.CONSUMER_LAG.remove(*labels)
+    for tp in assigned:
+        try:
+            highwater = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 - not fetched yet
+            continue
+        if highwater is None:
+            continue
+        committed = consumer._committed_offset.get(tp)  # faust keeps the last committed offset per partition
+        read = consumer._read_offset.get(tp)
+        position = committed if committed is not None else (read + 1 if read is not None else 0)
+        m.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, highwater - position))

@@ -1,0 +1,67 @@
+"""The document registry both Qdrant adapters keep: one point per document holding its DocState, and one
+meta point recording the collection's {model, dim}; how those payloads look and how a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.errors import ModelMismatchError
+from pipeline.store.base import DOC, TENANT, VERSION, DocState
+
+# --- the registry layout, shared by the adapters ------------------------------------------------------------
+# The registry is a second collection, ``<collection>__registry``: one point per document (id doc_point_id,
+# a one-dimensional dummy vector) whose payload is the DocState, and one meta point recording {model, dim}.
+
+REGISTRY_SUFFIX = "__registry"
+#: a fixed id no doc_point_id (uuid5 in another namespace) can take
+META_POINT_ID = "00000000-0000-0000-0000-00000000000a"
+REGISTRY_VECTOR = [1.0]
+_KIND = "kind"
+
+
+def registry_name(collection: str) -> str:
+    return f"{collection}{REGISTRY_SUFFIX}"
+
+
+def doc_state_payload(state: DocState) -> dict[str, Any]:
+    return {
+        _KIND: "doc",
+        TENANT: state.tenant_id,
+        DOC: state.doc_id,
+        VERSION: int(state.version),
+        "deleted": bool(state.deleted),
+        "chunk_count": int(state.chunk_count),
+        "chunk_hashes": list(state.chunk_hashes),
+    }
+
+
+def doc_state_from_payload(payload: Mapping[str, Any]) -> DocState:
+    return DocState(
+        tenant_id=str(payload[TENANT]),
+        doc_id=str(payload[DOC]),
+        version=int(payload[VERSION]),
+        deleted=bool(payload.get("deleted", False)),
+        chunk_count=int(payload.get("chunk_count", 0)),
+        chunk_hashes=tuple(str(h) for h in payload.get("chunk_hashes") or ()),
+    )
+
+
+def meta_payload(model: str, dim: int) -> dict[str, Any]:
+    return {_KIND: "meta", "model": model, "dim": int(dim)}
+
+
+def check_meta(stored: Mapping[str, Any] | None, *, model: str, dim: int, collection: str, remedy: str) -> None:
+    """Raise ModelMismatchError when the collection's recorded {model, dim} differs from the one asked for."""
+    if stored is None:
+        return
+    stored_model, stored_dim = stored.get("model"), stored.get("dim")
+    if stored_model == model and stored_dim == dim:
+        return
+    raise ModelMismatchError(
+        f"collection {collection!r} holds vectors of model {stored_model!r} (dim {stored_dim}), "
+        f"but this process embeds with model {model!r} (dim {dim}); vectors of two models cannot be mixed. "
+        f"Either set VECTORSTREAM_STORE__COLLECTION to another collection name, or {remedy} "
+        f"and re-ingest the documents with the new model."
+    )
