@@ -228,7 +228,7 @@ async def _summarize(data: Path, tenant: str, n_events: int) -> int:
     os.environ["VECTORSTREAM_STORE__PATH"] = str(data / "qdrant-edge")
     settings = Settings(_env_file=None)
     embedder = Embedder(settings)
-    store = open_store(settings)
+    store = open_store(settings.store)
     info = await store.open(model=embedder.name, dim=embedder.dim)
     try:
         tenant_filter = Filter(must=(Match(TENANT, tenant),))

@@ -11,13 +11,16 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
 from pipeline import metrics as m
 from pipeline.errors import ConfigurationError
 from pipeline.kafka import ensure_topics
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.store.base import VectorStore
 
 log = logging.getLogger("vectorstream.worker")
 
@@ -30,11 +33,16 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def run_worker(settings: Settings | None = None) -> int:
-    """Run the agents of ``settings.roles`` until SIGTERM/SIGINT. Returns the process exit code."""
+def run_worker(
+    settings: Settings | None = None, *, wrap_store: Callable[[VectorStore], VectorStore] | None = None
+) -> int:
+    """Run the agents of ``settings.roles`` until SIGTERM/SIGINT. Returns the process exit code.
+
+    ``wrap_store`` decorates the opened adapter (the chaos tests inject faults that way)."""
     import faust
 
-    from agents.app import FaustDeadLetters, give_back_on_stop, install_ingest_agent, make_app
+    from agents.app import make_app
+    from agents.ingest import FaustDeadLetters, give_back_on_stop, install_ingest_agent
     from pipeline.embedding import Embedder
     from pipeline.health import start_health_server
     from pipeline.ingest import IngestService
@@ -46,7 +54,9 @@ def run_worker(settings: Settings | None = None) -> int:
     asyncio.set_event_loop(loop)
 
     embedder = Embedder(settings)
-    store = open_store(settings)
+    store = open_store(settings.store)
+    if wrap_store is not None:
+        store = wrap_store(store)
     try:
         info = loop.run_until_complete(store.open(model=embedder.name, dim=embedder.dim))
     except ConfigurationError as exc:

@@ -141,7 +141,7 @@ CALLER_FILTER = {"must": [{"key": "year", "range": {"gte": 2010}}], "must_not": 
 async def load_store(settings: Any, points: list[Any], model: str, dim: int) -> dict[str, float]:
     from pipeline.store import open_store
 
-    store = open_store(settings)
+    store = open_store(settings.store)
     await store.open(model=model, dim=dim)
     start = time.perf_counter()
     for i in range(0, len(points), 2000):
@@ -171,7 +171,7 @@ async def recall_tables(settings: Any, embedder: Any, texts: list[str], n: int) 
         caller_cases.append(
             Case(v, search_filter(Principal(tenant, user, tuple(groups)), caller_filter(CALLER_FILTER)))
         )
-    store = open_store(settings)
+    store = open_store(settings.store)
     await store.open(model=embedder.name, dim=embedder.dim)
     try:
         efs = (16, 32, 64, 128, 256, 512)

@@ -87,7 +87,7 @@ async def _grow(
     settings = settings.model_copy(
         update={"store": settings.store.model_copy(update={"path": folder, **LAYOUTS[layout]})}
     )
-    store = open_store(settings)
+    store = open_store(settings.store)
     await store.open(model=settings.model.name, dim=base.shape[1])
     rng = np.random.default_rng(7)
     rows: list[dict[str, Any]] = []
@@ -175,7 +175,7 @@ async def _grow(
                 # a real worker ingests real documents into this very store (it needs the store's folder)
                 await store.close()
                 row.update(await asyncio.to_thread(e2e, folder, f"scale{target}"))
-                store = open_store(settings)
+                store = open_store(settings.store)
                 await store.open(model=settings.model.name, dim=base.shape[1])
                 written = await store.count()
             rows.append(row)

@@ -141,7 +141,7 @@ async def check_topic(
     records = await read_records(k.bootstrap_servers, k.documents_topic)
     say(f"replaying {len(records)} records with the ingest rules")
     expected, events, bad = expected_state(records, chunker, settings)
-    store = open_store(settings)
+    store = open_store(settings.store)
     await store.open(model=model, dim=dim)
     try:
         say(f"comparing {len(expected)} documents with the {settings.store.backend} store")

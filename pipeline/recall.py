@@ -217,7 +217,7 @@ async def run_recall(
 
     settings = Settings()
     embedder = Embedder(settings)
-    store = open_store(settings)
+    store = open_store(settings.store)
     try:
         info = await store.open(model=embedder.name, dim=embedder.dim)
     except Exception as exc:

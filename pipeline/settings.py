@@ -134,9 +134,6 @@ class StoreSettings(BaseModel):
     index_idle_seconds: float = Field(default=2.0, gt=0)
     #: ... or as soon as this many points are unindexed
     index_max_unindexed_points: int = Field(default=20_000, ge=1)
-    #: CHAOS TESTING ONLY: while this file exists, every store call fails (or, when the file says
-    #: "slow <seconds>", is delayed); see pipeline/store/faulty.py. Leave unset in production.
-    fault_file: Path | None = None
 
 
 class IngestSettings(BaseModel):

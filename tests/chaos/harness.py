@@ -145,6 +145,7 @@ class Scenario:
     def worker(self, env: dict[str, str] | None = None, *, group: str | None = None) -> WorkerProcess:
         """A worker process (not started) on this scenario's topics and store, with the fault switch wired."""
         w = WorkerProcess(
+            module="tests.support.faulty_worker",
             bootstrap=self.bootstrap,
             store_path=self.store_path,
             topic=self.topic,
@@ -154,7 +155,7 @@ class Scenario:
             extra_env={
                 "VECTORSTREAM_KAFKA__QUERIES_TOPIC": self.queries,
                 "VECTORSTREAM_KAFKA__REPLIES_TOPIC": self.replies,
-                "VECTORSTREAM_STORE__FAULT_FILE": str(self.fault_file),
+                "VECTORSTREAM_TEST_FAULT_FILE": str(self.fault_file),
                 "VECTORSTREAM_DATA_DIR": str(self.tmp / "data"),  # faust's folder, else under the repository
                 **(env or {}),
             },
@@ -264,7 +265,7 @@ class Scenario:
         """The checker against only the records below ``upto[partition]`` (e.g. the committed offsets)."""
         records = [r for r in await self.records() if r.offset < upto.get(r.partition, 0)]
         expected, events, bad = expected_state(records, embedder.chunker(), self.settings)
-        store = open_store(self.settings)
+        store = open_store(self.settings.store)
         await store.open(model=embedder.name, dim=embedder.dim)
         try:
             return await check_store(store, expected, events=events, dead_letters=bad)

@@ -98,7 +98,7 @@ async def test_property_duplicates_and_out_of_order_versions_end_consistent(hist
             records.append(rec(key=f"acme/{d}".encode(), value=b"\x00junk", raw=True))
     with tempfile.TemporaryDirectory() as folder:  # every example starts from an empty store
         s = settings.model_copy(update={"store": settings.store.model_copy(update={"path": Path(folder)})})
-        st_ = open_store(s)
+        st_ = open_store(s.store)
         await st_.open(model=embedder.name, dim=embedder.dim)
         try:
             svc = IngestService(settings, st_, embedder, RecordingDeadLetters())

@@ -1,5 +1,5 @@
-"""The chaos switch around a real Qdrant Edge store: the fault file turns calls into outages or delays, and
-``open_store`` wraps the adapter only when ``store.fault_file`` is set."""
+"""The chaos switch around a real Qdrant Edge store: the fault file turns calls into outages or delays. The
+wrapper is test-side: the product has no setting that switches it on."""
 
 import time
 
@@ -8,8 +8,8 @@ import pytest
 from pipeline.errors import StoreUnavailableError
 from pipeline.ingest import IngestService
 from pipeline.store import open_store
-from pipeline.store.faulty import Fault, FaultyStore, read_fault
 from tests.component.test_ingest_service import RecordingDeadLetters, long_text, rec, up
+from tests.support.faulty_store import Fault, FaultyStore, read_fault
 
 
 def test_reading_the_fault_file(tmp_path):
@@ -31,15 +31,16 @@ def test_reading_the_fault_file(tmp_path):
 
 @pytest.fixture
 async def faulty(tmp_path, settings, embedder):
-    store_settings = settings.store.model_copy(update={"path": tmp_path / "edge", "fault_file": tmp_path / "fault"})
-    store = open_store(settings.model_copy(update={"store": store_settings}))
-    assert isinstance(store, FaultyStore)
+    store = FaultyStore(open_store(settings.store.model_copy(update={"path": tmp_path / "edge"})), tmp_path / "fault")
     await store.open(model=embedder.name, dim=embedder.dim)
     yield store
     await store.close()
 
 
-def test_no_fault_file_setting_means_no_wrapper(tmp_path, settings):
+def test_the_product_cannot_switch_faults_on(tmp_path, settings):
+    from pipeline.settings import StoreSettings
+
+    assert not any("fault" in name for name in StoreSettings.model_fields)  # no production switch for chaos
     store = open_store(settings.store.model_copy(update={"path": tmp_path / "edge"}))
     assert not isinstance(store, FaultyStore)
 

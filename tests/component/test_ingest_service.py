@@ -52,7 +52,7 @@ class FaultyStore:
 @pytest.fixture
 async def store(tmp_path, settings, embedder):
     s = settings.model_copy(update={"store": settings.store.model_copy(update={"path": tmp_path / "edge"})})
-    st = open_store(s)
+    st = open_store(s.store)
     await st.open(model=embedder.name, dim=embedder.dim)
     yield FaultyStore(st)
     await st.close()

@@ -110,7 +110,7 @@ async def edge(tmp_path_factory, settings, embedder):
     s = settings.model_copy(
         update={"store": settings.store.model_copy(update={"path": tmp_path_factory.mktemp("query") / "edge"})}
     )
-    store = open_store(s)
+    store = open_store(s.store)
     await store.open(model=embedder.name, dim=embedder.dim)
     ingest = IngestService(s, store, embedder, RecordingDeadLetters())
     records = []

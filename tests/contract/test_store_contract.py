@@ -645,9 +645,9 @@ async def test_unreachable_server_is_unavailable(prefer_grpc: bool) -> None:
 
 
 def test_open_store_picks_the_backend(tmp_path: Path) -> None:
-    from pipeline.settings import Settings, StoreSettings
+    from pipeline.settings import StoreSettings
 
-    assert isinstance(open_store(Settings(store=StoreSettings(path=tmp_path))), EdgeStore)
+    assert isinstance(open_store(StoreSettings(path=tmp_path)), EdgeStore)
     local = StoreSettings(backend="qdrant", local_path=tmp_path)
     assert isinstance(open_store(local), QdrantStore)
     assert isinstance(open_store(StoreSettings(backend="qdrant", url="http://qdrant:6333")), QdrantStore)

@@ -109,7 +109,7 @@ async def read_topic(bootstrap: str, topic: str, n: int, wait_seconds: float = 6
 
 async def open_edge(settings, path):
     s = settings.model_copy(update={"store": settings.store.model_copy(update={"path": path})})
-    store = open_store(s)
+    store = open_store(s.store)
     await store.open(model="all-MiniLM-L6-v2", dim=384)
     return store
 

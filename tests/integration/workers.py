@@ -33,7 +33,10 @@ class WorkerProcess:
         group: str,
         log_path: Path,
         extra_env: dict[str, str] | None = None,
+        module: str = "agents.cli",
     ) -> None:
+        #: ``python -m <module> worker``: the product's command, or a test-side entry point around it
+        self.module = module
         self.metrics_port = free_port()
         self.log_path = log_path
         self.env = {
@@ -59,7 +62,7 @@ class WorkerProcess:
         log.write(f"\n===== start {time.strftime('%X')} =====\n")
         log.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agents.cli", "worker"],
+            [sys.executable, "-m", self.module, "worker"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,6 +1,7 @@
 """A fault-injecting wrapper around a real vector store, switched by a file: a toxiproxy for chaos tests.
 
-While ``store.fault_file`` exists, every call fails or slows down as the file says; without it, calls pass through.
+While its fault file exists, every call fails or slows down as the file says; without it, calls pass through.
+Test-side only: ``tests/support/faulty_worker.py`` runs a real worker with its store wrapped in it.
 """
 
 from __future__ import annotations
