@@ -32,8 +32,12 @@ reliability: install
 bench: install
 	$(PYTHON) -m benchmarks
 
+## ruff (lint and format), mypy, the layer contracts (import-linter), the settings table and the JSON Schemas
 lint: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+	lint-imports
 	$(PYTHON) -m pipeline.settings_doc --check
 	$(PYTHON) -m agents.cli schemas --check
 
