@@ -1,5 +1,5 @@
 """The ``vectorstream`` command: ``worker`` runs the agents, ``demo`` runs the whole thing on the embedded defaults,
-``publish`` sends files as document events, ``ask``/``query``/``token``/``recall``
+``up`` keeps a local one running, ``publish`` sends files as document events, ``ask``/``query``/``token``/``recall``
 search, ``schemas`` writes or checks the JSON Schema files, ``check`` audits the store.
 """
 
@@ -32,6 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         "reStructuredText, HTML, or JSONL document events",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="show the model's loading output too")
+
+    up = sub.add_parser(
+        "up",
+        help="run an embedded broker and a worker on Qdrant Edge until Ctrl-C, for publish/ask in other terminals",
+    )
+    up.add_argument(
+        "--data-dir", default=DATA_DIR, help="where the index persists across restarts (default %(default)s)"
+    )
+    up.add_argument("--tenant", default=TENANT, help="tenant shown in the printed examples (default %(default)s)")
+    up.add_argument("-v", "--verbose", action="store_true", help="the worker's log on this terminal")
 
     publish = sub.add_parser(
         "publish",
@@ -120,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from agents.demo import run_demo
 
         return run_demo(data_dir=args.data_dir, tenant=args.tenant, sources=args.source, verbose=args.verbose)
+    if args.command == "up":
+        from agents.up import run_up
+
+        return run_up(data_dir=args.data_dir, tenant=args.tenant, verbose=args.verbose)
     if args.command == "publish":
         from agents.commands import run_publish_command
 
