@@ -374,7 +374,8 @@ class _Prompt:
         while True:
             try:
                 line = input("ask> ") if self.interactive else sys.stdin.readline()
-            except EOFError:
+            except EOFError:  # Ctrl-D at the prompt: end the prompt's line
+                print()
                 raise StopIteration from None
             if not self.interactive and not line:
                 raise StopIteration

@@ -284,10 +284,10 @@ def _serve(
     )
     print(
         f"\nvectorstream is up in {time.monotonic() - started:.0f} s: Kafka on {k.bootstrap_servers} "
-        f"(documents topic {k.documents_topic!r}), "
+        f"(documents topic {k.documents_topic!r}),\n"
         + (f"{chunks} chunks in the index, " if chunks is not None else "")
         + f"a query answered in {took_ms:.1f} ms"
-        + (f"; metrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "")
+        + (f"\nmetrics on http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "")
     )
     print(
         "\nIn another terminal:\n"
