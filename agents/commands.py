@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.client import QueryClient, QueryFailed
 from pipeline.consistency import check_topic
@@ -194,10 +195,10 @@ def run_publish_command(
     Exit 0 when everything given was published; 1 when something was not (each problem is printed with its
     file and line); 2 when nothing could be sent (Kafka unreachable). By default the good documents and lines
     are published and the bad ones named; with ``strict`` nothing is sent when anything is bad."""
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
     from pipeline.sources import plan_publish, summarize
-    from schemas.events import AccessControl
+    from schemas.events import AccessControl, TenantId
 
     _quiet_kafka_client_logs()
     settings = settings or Settings()
@@ -207,8 +208,9 @@ def run_publish_command(
         access = AccessControl(
             public=public if public is not None else not (users or groups), users=list(users), groups=list(groups)
         )
+        TypeAdapter(TenantId).validate_python(tenant)
     except ValidationError as exc:
-        print(f"bad --user or --group: {exc.errors()[0]['msg']}", file=sys.stderr)
+        print(f"bad --tenant, --user or --group: {_first_error(exc)}", file=sys.stderr)
         return 2
     try:
         plan = plan_publish(
@@ -245,6 +247,11 @@ def run_publish_command(
     if sent:
         print(f"to {k.documents_topic!r} on {k.bootstrap_servers} for tenant {tenant!r}; ask with: vectorstream ask")
     return 1 if plan.problems else 0
+
+
+def _first_error(exc: Any) -> str:
+    err = exc.errors(include_url=False)[0]
+    return f"{err.get('input')!r}: {err['msg']}"
 
 
 async def _send(bootstrap: str, topic: str, events: Sequence[object]) -> int:
