@@ -63,7 +63,7 @@ class Up:
             if time.monotonic() > deadline:
                 raise AssertionError(f"`up` not ready after {START_TIMEOUT:.0f}s:\n{self.output()[-4000:]}")
             time.sleep(0.5)
-        self.starts.append(self.output().split("vectorstream is up")[-1].splitlines()[0])
+        self.starts.append(self.output().split("vectorstream is up")[-1].split("In another terminal")[0])
 
     def stop(self) -> int:
         """Ctrl-C, as in a terminal; returns the exit code."""
