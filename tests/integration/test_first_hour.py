@@ -322,6 +322,14 @@ def test_jsonl_with_a_bad_line_names_it_and_publishes_the_good_lines(up: Up, tmp
     assert {h["doc_id"] for h in up.hits("t-strict", "penguins")} == {"marker"}
 
 
+def test_a_second_up_says_the_port_is_taken_and_what_to_do(up: Up, tmp_path: Path) -> None:
+    second = up.cli("up", "--data-dir", str(tmp_path / "second"), timeout=60)
+    assert second.returncode == 2
+    port = up.env["VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
+    assert f"{port} is in use" in second.stderr and "VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS" in second.stderr
+    assert up.proc is not None and up.proc.poll() is None  # the running one is untouched
+
+
 def test_restart_serves_the_same_index_at_once(up: Up, tmp_path: Path) -> None:
     """The memory-only broker starts empty, the persisted index does not: ask right after `up` is up again;
     publishing the unchanged folder again sends its documents at their versions, and nothing is re-embedded."""
