@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from pipeline.sources import doc_id_for, html_to_text, plan_publish, read_event_lines
+from pipeline.sources import PublishPlan, doc_id_for, html_to_text, plan_publish, read_event_lines
 from schemas.events import AccessControl, DocumentDelete, DocumentUpsert
 
 PUBLIC = AccessControl(public=True)
@@ -18,8 +18,19 @@ def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
 
 
-def _plan(paths: list[Path], now_ms: int, **kw: object):  # type: ignore[no-untyped-def]
-    return plan_publish(paths, tenant="t", access=PUBLIC, bootstrap_servers="b:9092", topic="docs", now_ms=now_ms, **kw)
+def _plan(
+    paths: list[Path], now_ms: int, *, delete_missing: bool = False, max_event_bytes: int | None = None
+) -> PublishPlan:
+    return plan_publish(
+        paths,
+        tenant="t",
+        access=PUBLIC,
+        bootstrap_servers="b:9092",
+        topic="docs",
+        now_ms=now_ms,
+        delete_missing=delete_missing,
+        max_event_bytes=max_event_bytes,
+    )
 
 
 def test_doc_ids_are_relative_paths_with_unsafe_characters_encoded_injectively() -> None:
