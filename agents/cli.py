@@ -1,11 +1,17 @@
 """The ``vectorstream`` command: ``worker`` runs the agents, ``demo`` runs the whole thing on the embedded defaults,
-``schemas`` writes or checks the JSON Schema files, ``query``/``token``/``recall`` search, ``check`` audits the store.
+``up`` keeps a local one running, ``publish`` sends files as document events, ``ask``/``query``/``token``/``recall``
+search, ``schemas`` writes or checks the JSON Schema files, ``check`` audits the store.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+#: the local data folder of `demo` and `up` (one index: what the demo indexed, `up` serves)
+DATA_DIR = ".vectorstream/demo"
+#: the tenant of `demo`, `publish` and `ask` unless told otherwise, so they meet without flags
+TENANT = "demo"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,10 +22,62 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="start an embedded broker and Qdrant Edge, index this project's docs")
     demo.add_argument(
-        "--data-dir", default=".vectorstream/demo", help="where Qdrant Edge persists (default %(default)s)"
+        "--data-dir", default=DATA_DIR, help="where Qdrant Edge persists (default %(default)s, shared with `up`)"
     )
-    demo.add_argument("--tenant", default="demo")
-    demo.add_argument("--source", default=".", help="folder whose Markdown files are the corpus (default: here)")
+    demo.add_argument("--tenant", default=TENANT, help="tenant of the demo's documents (default %(default)s)")
+    demo.add_argument(
+        "--source",
+        action="append",
+        help="a folder or file to index instead of this project's docs (repeatable): Markdown, text, "
+        "reStructuredText, HTML, or JSONL document events",
+    )
+    demo.add_argument("-v", "--verbose", action="store_true", help="show the model's loading output too")
+
+    up = sub.add_parser(
+        "up",
+        help="run an embedded broker and a worker on Qdrant Edge until Ctrl-C, for publish/ask in other terminals",
+    )
+    up.add_argument(
+        "--data-dir", default=DATA_DIR, help="where the index persists across restarts (default %(default)s)"
+    )
+    up.add_argument("--tenant", default=TENANT, help="tenant shown in the printed examples (default %(default)s)")
+    up.add_argument("-v", "--verbose", action="store_true", help="the worker's log on this terminal")
+
+    publish = sub.add_parser(
+        "publish",
+        help="publish folders and files (Markdown, text, reStructuredText, HTML) or JSONL events as document events",
+        description="Publish documents as events. Folders: every .md/.markdown/.txt/.text/.rst/.html/.htm file "
+        "(hidden ones skipped), doc id = path relative to the folder, version from a manifest kept in "
+        "$XDG_STATE_HOME/vectorstream/publish. Files ending .jsonl/.ndjson: one document event per line, "
+        "validated before anything is sent. By default the good documents and lines are published and the bad "
+        "ones named (exit 1); with --strict nothing is sent when any is bad.",
+    )
+    publish.add_argument("paths", nargs="+", metavar="PATH", help="folders, files, or JSONL files of events")
+    publish.add_argument("--tenant", default=TENANT, help="tenant of the documents from files (default %(default)s)")
+    publish.add_argument("--user", action="append", default=[], help="a user who may read them (repeatable)")
+    publish.add_argument("--group", action="append", default=[], help="a group that may read them (repeatable)")
+    publish.add_argument(
+        "--public",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="readable by everyone in the tenant (default: yes, unless --user or --group is given)",
+    )
+    publish.add_argument("--prefix", default="", help="put before every document id (e.g. 'notes/')")
+    publish.add_argument(
+        "--delete-missing",
+        action="store_true",
+        help="delete the documents of a folder whose files are gone since its last publish",
+    )
+    publish.add_argument("--strict", action="store_true", help="send nothing when any file or line is bad")
+
+    ask = sub.add_parser("ask", help="ask questions at a prompt and see the hits (over Kafka, a development token)")
+    ask.add_argument("questions", nargs="*", metavar="QUESTION", help="ask these and exit (default: a prompt)")
+    ask.add_argument("--tenant", default=TENANT, help="default %(default)s")
+    ask.add_argument("--user", default="me", help="user of the development token (default %(default)s)")
+    ask.add_argument("--group", action="append", default=[], help="a group of the user (repeatable)")
+    ask.add_argument("--top-k", type=int, default=5)
+    ask.add_argument("--no-text", action="store_true", help="titles only, no chunk text")
+    ask.add_argument("--timeout", type=float, default=30.0)
 
     schemas = sub.add_parser("schemas", help="write the JSON Schema files of the wire contracts")
     schemas.add_argument("--check", action="store_true", help="fail if the committed files are not current")
@@ -71,7 +129,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from agents.demo import run_demo
 
-        return run_demo(data_dir=args.data_dir, tenant=args.tenant, source=args.source)
+        return run_demo(data_dir=args.data_dir, tenant=args.tenant, sources=args.source, verbose=args.verbose)
+    if args.command == "up":
+        from agents.up import run_up
+
+        return run_up(data_dir=args.data_dir, tenant=args.tenant, verbose=args.verbose)
+    if args.command == "publish":
+        from agents.commands import run_publish_command
+
+        return run_publish_command(
+            args.paths,
+            tenant=args.tenant,
+            users=args.user,
+            groups=args.group,
+            public=args.public,
+            prefix=args.prefix,
+            delete_missing=args.delete_missing,
+            strict=args.strict,
+        )
+    if args.command == "ask":
+        from agents.commands import run_ask_command
+
+        return run_ask_command(
+            args.questions,
+            tenant=args.tenant,
+            user=args.user,
+            groups=args.group,
+            top_k=args.top_k,
+            with_text=not args.no_text,
+            wait=args.timeout,
+        )
     if args.command == "query":
         import asyncio
 

@@ -1,7 +1,8 @@
 """``vectorstream demo``: the whole pipeline on the embedded defaults, on a real corpus.
 
 Starts Tansu (an embedded Kafka-compatible broker) and a worker on Qdrant Edge, publishes this project's
-own Markdown docs as events of a demo tenant, shows ingest progress, and summarizes what was indexed.
+own Markdown docs (or ``--source`` folders and files in any format ``publish`` reads) as events of a demo
+tenant, shows ingest progress, asks a few questions and summarizes what was indexed.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.events import AccessControl, DocumentUpsert
+from schemas.events import AccessControl, DocumentDelete, DocumentUpsert
 
 _SKIP_DIRS = {".git", ".vectorstream", "node_modules", ".venv", "venv", "__pycache__", ".pytest_cache"}
 
@@ -65,6 +66,7 @@ def module_docstrings() -> Iterator[tuple[str, str, str]]:
 
 
 def demo_corpus(source: Path, tenant: str, version: int) -> list[DocumentUpsert]:
+    """This project's docs: its Markdown files cut at second-level headings, and its modules' docstrings."""
     docs = list(markdown_sections(source)) + list(module_docstrings())
     events = []
     for doc_id, title, text in docs:
@@ -87,6 +89,65 @@ def demo_corpus(source: Path, tenant: str, version: int) -> list[DocumentUpsert]
     return events
 
 
+def source_corpus(
+    sources: list[str], tenant: str, version: int
+) -> tuple[list[DocumentUpsert | DocumentDelete], list[str]]:
+    """The documents of ``--source`` folders and files (any format ``vectorstream publish`` reads), readable by
+    everyone in ``tenant``, all at ``version``; and the problems met (files not read, bad JSONL lines).
+    JSONL events keep their own tenant and version; no publish manifest is kept for a demo."""
+    from pipeline.sources import EVENT_SUFFIXES, TEXT_FORMATS, read_document, read_event_lines, walk_folder
+
+    events: list[DocumentUpsert | DocumentDelete] = []
+    problems: list[str] = []
+    for given in sources:
+        path = Path(given).expanduser()
+        if path.is_file() and path.suffix.lower() in EVENT_SUFFIXES:
+            lines, bad = read_event_lines(path, given)
+            events.extend(event for _, event in lines)
+            problems.extend(str(p) for p in bad)
+            continue
+        root = path.resolve()
+        if path.is_dir():
+            files = [(f, PurePosixPath(f.relative_to(root).as_posix())) for f in walk_folder(root)]
+        elif path.is_file():
+            files = [(root, PurePosixPath(root.name))]
+        else:
+            problems.append(f"{given}: no such file or folder")
+            continue
+        for file, rel in files:
+            if file.suffix.lower() not in TEXT_FORMATS:
+                continue
+            try:
+                doc = read_document(file, rel)
+                events.append(
+                    DocumentUpsert(
+                        type="upsert",
+                        tenant_id=tenant,
+                        doc_id=doc.doc_id,
+                        version=version,
+                        title=doc.title,
+                        text=doc.text,
+                        metadata={"path": doc.rel_path[:1024], "format": doc.format},
+                        access=AccessControl(public=True),
+                    )
+                )
+            except (ValueError, OSError) as exc:
+                problems.append(f"{file}: {exc}")
+    return events, problems
+
+
+def quiet_model_loading() -> None:
+    """Silence the model's loading chatter ("Loading weights" bars, transformers' and sentence-transformers'
+    info logs) in this process and the processes it starts: it tells a newcomer nothing. ``-v`` keeps it."""
+    import logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "sentence_transformers", "huggingface_hub", "nncf", "openvino"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,23 +167,37 @@ def _events_done(metrics_port: int) -> float | None:
     return total
 
 
-async def _publish(bootstrap: str, topic: str, events: list[DocumentUpsert]) -> None:
+async def _publish(bootstrap: str, topic: str, events: list[DocumentUpsert | DocumentDelete]) -> None:
     from pipeline.client import DocumentPublisher
 
     async with DocumentPublisher(bootstrap, topic) as pub:
         await pub.publish_many(events)
 
 
-def run_demo(data_dir: str, tenant: str, source: str) -> int:
+def run_demo(data_dir: str, tenant: str, sources: list[str] | None = None, verbose: bool = False) -> int:
+    """Index ``sources`` (default: this project's docs) on an embedded broker and Qdrant Edge, ask, summarize."""
     from tqdm import tqdm
 
     from pipeline.embedded_broker import Tansu
 
+    if not verbose:
+        quiet_model_loading()
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     version = int(time.time())
-    events = demo_corpus(Path(source).resolve(), tenant, version)
-    print(f"vectorstream demo: {len(events)} documents from {Path(source).resolve()} for tenant {tenant!r}")
+    events: list[DocumentUpsert | DocumentDelete]
+    if sources:
+        events, problems = source_corpus(sources, tenant, version)
+        for problem in problems:
+            print(f"not indexed: {problem}")
+        where = ", ".join(sources)
+    else:
+        events = list(demo_corpus(Path(".").resolve(), tenant, version))
+        where = str(Path(".").resolve())
+    if not events:
+        print(f"vectorstream demo: nothing to index in {where}")
+        return 1
+    print(f"vectorstream demo: {len(events)} documents from {where} for tenant {tenant!r}")
 
     metrics_port = _free_port()
     with Tansu() as broker:
@@ -173,7 +248,8 @@ def run_demo(data_dir: str, tenant: str, source: str) -> int:
                         return 1
                     time.sleep(0.5)
             # ask the indexed corpus a few questions through the queries topic, while the worker still runs
-            asyncio.run(_ask(broker.bootstrap_servers, settings, tenant))
+            questions = DEMO_QUESTIONS if not sources else _title_questions(events, tenant)
+            asyncio.run(_ask(broker.bootstrap_servers, settings, tenant, questions))
         finally:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)
@@ -182,7 +258,13 @@ def run_demo(data_dir: str, tenant: str, source: str) -> int:
                 except subprocess.TimeoutExpired:
                     worker.kill()
                     worker.wait()
-    return asyncio.run(_summarize(data, tenant, len(events)))
+    code = asyncio.run(_summarize(data, tenant, len(events), questions[0] if questions else None))
+    print(
+        "\nkeep it running and bring your own documents (in two terminals):\n"
+        f"  vectorstream up{'' if data_dir == '.vectorstream/demo' else f' --data-dir {data_dir}'}\n"
+        f"  vectorstream publish ~/my-notes --tenant {tenant}  &&  vectorstream ask --tenant {tenant}"
+    )
+    return code
 
 
 #: questions the demo asks of this project's own docs (the last one is answered from ops-only documents)
@@ -193,22 +275,28 @@ DEMO_QUESTIONS = (
 )
 
 
-async def _ask(bootstrap: str, settings: Any, tenant: str) -> None:
-    """Ask DEMO_QUESTIONS over Kafka as user "demo-user" of group "ops" and print each answer as a table."""
-    from agents.commands import hits_table
+def _title_questions(events: list[DocumentUpsert | DocumentDelete], tenant: str) -> tuple[str, ...]:
+    """For a corpus of one's own: ask for the titles of (up to) three of its documents."""
+    titles = [e.title for e in events if isinstance(e, DocumentUpsert) and e.tenant_id == tenant and e.title]
+    step = max(len(titles) // 3, 1)
+    return tuple(titles[::step][:3])
+
+
+async def _ask(bootstrap: str, settings: Any, tenant: str, questions: tuple[str, ...]) -> None:
+    """Ask ``questions`` over Kafka as user "demo-user" of group "ops" and print each answer as a table."""
+    from agents.commands import hits_table, query_client
     from pipeline.auth import mint_token
-    from pipeline.client import QueryClient, QueryFailed
+    from pipeline.client import QueryFailed
 
     k = settings.kafka
     token = mint_token(settings.query, tenant=tenant, user="demo-user", groups=["ops"])
     print(
-        f"\nasking {len(DEMO_QUESTIONS)} questions through topic {k.queries_topic!r} "
+        f"\nasking {len(questions)} questions through topic {k.queries_topic!r} "
         f"as user 'demo-user' (group 'ops') of tenant {tenant!r}"
     )
-    async with QueryClient(
-        bootstrap, queries_topic=k.queries_topic, replies_topic=k.replies_topic, tenant=tenant, token=token
-    ) as client:
-        for question in DEMO_QUESTIONS:
+    here = settings.model_copy(update={"kafka": k.model_copy(update={"bootstrap_servers": bootstrap})})
+    async with query_client(here, tenant=tenant, token=token, startup_timeout=60) as client:
+        for question in questions:
             print(f"\nQ: {question}")
             try:
                 result = await client.ask(question, top_k=3, timeout=60)
@@ -219,7 +307,7 @@ async def _ask(bootstrap: str, settings: Any, tenant: str) -> None:
             print(f"   ({result.took_ms:.0f} ms in the worker)")
 
 
-async def _summarize(data: Path, tenant: str, n_events: int) -> int:
+async def _summarize(data: Path, tenant: str, n_events: int, question: str | None) -> int:
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
     from pipeline.store import open_store
@@ -243,7 +331,8 @@ async def _summarize(data: Path, tenant: str, n_events: int) -> int:
         print(f"where:   Qdrant Edge shard at {data / 'qdrant-edge'} (collection {settings.store.collection!r})")
         print(f"events:  {n_events} published; re-running the demo re-publishes them with a newer version,")
         print("         and unchanged chunks reuse their stored vectors")
-        question = "How are offsets committed after a write?"
+        if question is None:
+            return 0
         vec = (await embedder.encode([question]))[0]
         top = await store.search(vec, flt=tenant_filter, limit=3)
         print(f"\nask: {question}")

@@ -51,7 +51,11 @@ class DocumentPublisher:
         await self._producer.stop()
 
     async def publish(self, event: DocumentUpsert | DocumentDelete) -> None:
-        await self._producer.send(self.topic, event.model_dump_json().encode(), key=event.key.encode())
+        await self.send(event)
+
+    async def send(self, event: DocumentUpsert | DocumentDelete) -> asyncio.Future[Any]:
+        """Queue ``event`` and return the future of its delivery (it resolves once the broker confirmed it)."""
+        return await self._producer.send(self.topic, event.model_dump_json().encode(), key=event.key.encode())
 
     async def publish_many(self, events: Iterable[DocumentUpsert | DocumentDelete]) -> int:
         n = 0

@@ -372,6 +372,9 @@ class LocalBroker(ABC):
                 cwd=self.data_dir,
                 env=self._env(),
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+                # a group of its own: a terminal's Ctrl-C reaches the process that started the broker, which
+                # stops its clients first and then the broker (`vectorstream up`), not all of them at once
+                process_group=0,
             )
         _LIVE.add(self)
 
