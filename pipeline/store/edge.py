@@ -38,12 +38,20 @@ from pipeline.store.base import (
     VectorStore,
     doc_point_id,
 )
+from pipeline.store.common import (
+    SCROLL_PAGE,
+    as_floats,
+    doc_chunks_filter,
+    hnsw_from_settings,
+    layout_from_settings,
+)
 from pipeline.store.registry import (
     META_POINT_ID,
     REGISTRY_VECTOR,
     check_meta,
-    doc_state_from_payload,
+    doc_state_ids,
     doc_state_payload,
+    doc_states_by_key,
     meta_payload,
     registry_name,
 )
@@ -80,8 +88,6 @@ _UNAVAILABLE_MARKERS = (
     "read-only file system",
 )
 
-_PAGE = 1_000
-
 
 class EdgeStore(VectorStore):
     """Two Edge shards under ``root``: ``<collection>`` (the chunks) and ``<collection>__registry``.
@@ -114,16 +120,10 @@ class EdgeStore(VectorStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> EdgeStore:
-        from pipeline.store.common import layout_from_settings
-
         return cls(
             settings.path,
             settings.collection,
-            hnsw=HnswParams(
-                m=settings.hnsw_m,
-                ef_construct=settings.hnsw_ef_construct,
-                full_scan_threshold_kb=settings.full_scan_threshold_kb,
-            ),
+            hnsw=hnsw_from_settings(settings),
             hnsw_ef=settings.hnsw_ef,
             layout=layout_from_settings(settings),
         )
@@ -264,11 +264,8 @@ class EdgeStore(VectorStore):
             return {}
 
         def get() -> dict[tuple[str, str], DocState]:
-            ids = list(dict.fromkeys(doc_point_id(t, d) for t, d in keys))
-            records = self._registry_shard().retrieve(ids, with_payload=True, with_vector=False)
-            states = (doc_state_from_payload(r.payload or {}) for r in records)
-            found = {(s.tenant_id, s.doc_id): s for s in states}
-            return {key: found[key] for key in keys if key in found}
+            records = self._registry_shard().retrieve(doc_state_ids(keys), with_payload=True, with_vector=False)
+            return doc_states_by_key(keys, (r.payload or {} for r in records))
 
         return await self._run(get)
 
@@ -283,14 +280,12 @@ class EdgeStore(VectorStore):
     async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
         if not points:
             return
-        edge_points = [qe.Point(p.id, _as_list(p.vector), dict(p.payload)) for p in points]
+        edge_points = [qe.Point(p.id, as_floats(p.vector), dict(p.payload)) for p in points]
         await self._run(self._write, self._chunk_shard, qe.UpdateOperation.upsert_points(edge_points))
 
     async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
-        must: list[Condition] = [Match(TENANT, tenant_id), Match(DOC, doc_id)]
-        if below_version is not None:
-            must.append(Range(VERSION, lt=below_version))
-        op = qe.UpdateOperation.delete_points_by_filter(_edge_filter(Filter(must=tuple(must))))
+        flt = _edge_filter(doc_chunks_filter(tenant_id, doc_id, below_version=below_version))
+        op = qe.UpdateOperation.delete_points_by_filter(flt)
         await self._run(self._write, self._chunk_shard, op)
 
     async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
@@ -316,7 +311,7 @@ class EdgeStore(VectorStore):
             while len(hits) < limit:
                 request = qe.ScrollRequest(
                     offset=offset,
-                    limit=min(_PAGE, limit - len(hits)),
+                    limit=min(SCROLL_PAGE, limit - len(hits)),
                     filter=edge_flt,
                     with_payload=True,
                     with_vector=False,
@@ -341,7 +336,7 @@ class EdgeStore(VectorStore):
     ) -> list[Hit]:
         request = qe.QueryRequest(
             limit=limit,
-            query=qe.Query.Nearest(_as_list(vector)),
+            query=qe.Query.Nearest(as_floats(vector)),
             filter=_edge_filter(flt),
             params=qe.SearchParams(
                 hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=self._quantization(exact)
@@ -434,11 +429,6 @@ def _registry_config() -> qe.EdgeConfig:
 def _retrieve_payload(shard: qe.EdgeShard, point_id: str) -> dict[str, Any] | None:
     records = shard.retrieve([point_id], with_payload=True, with_vector=False)
     return dict(records[0].payload or {}) if records else None
-
-
-def _as_list(vector: Sequence[float]) -> list[float]:
-    tolist = getattr(vector, "tolist", None)  # numpy arrays
-    return [float(x) for x in (tolist() if tolist is not None else vector)]
 
 
 # --- filter translation -------------------------------------------------------------------------------------

@@ -41,12 +41,20 @@ from pipeline.store.base import (
     VectorStore,
     doc_point_id,
 )
+from pipeline.store.common import (
+    SCROLL_PAGE,
+    as_floats,
+    doc_chunks_filter,
+    hnsw_from_settings,
+    layout_from_settings,
+)
 from pipeline.store.registry import (
     META_POINT_ID,
     REGISTRY_VECTOR,
     check_meta,
-    doc_state_from_payload,
+    doc_state_ids,
     doc_state_payload,
+    doc_states_by_key,
     meta_payload,
     registry_name,
 )
@@ -80,7 +88,6 @@ _RETRIABLE_GRPC = frozenset(
 #: RuntimeErrors of local mode that are about reaching the storage folder
 _LOCAL_UNAVAILABLE = ("already accessed by another instance", "instance is closed")
 
-_PAGE = 1_000
 #: how long build_index waits at most for a server to finish optimizing
 _INDEX_WAIT_SECONDS = 60.0
 
@@ -133,8 +140,6 @@ class QdrantStore(VectorStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> QdrantStore:
-        from pipeline.store.common import layout_from_settings
-
         if settings.url:
             where: dict[str, Any] = {"url": settings.url}
         elif settings.local_path is not None:
@@ -150,11 +155,7 @@ class QdrantStore(VectorStore):
             api_key=settings.api_key.get_secret_value() if settings.api_key else None,
             prefer_grpc=settings.prefer_grpc,
             timeout_seconds=settings.timeout_seconds,
-            hnsw=HnswParams(
-                m=settings.hnsw_m,
-                ef_construct=settings.hnsw_ef_construct,
-                full_scan_threshold_kb=settings.full_scan_threshold_kb,
-            ),
+            hnsw=hnsw_from_settings(settings),
             hnsw_ef=settings.hnsw_ef,
             layout=layout_from_settings(settings),
             shard_number=settings.shard_number,
@@ -297,12 +298,11 @@ class QdrantStore(VectorStore):
     async def get_doc_states(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DocState]:
         if not keys:
             return {}
-        ids = list(dict.fromkeys(doc_point_id(t, d) for t, d in keys))
+        ids = doc_state_ids(keys)
         records = await self._call(
             "read doc states", lambda c: c.retrieve(self._registry, ids, with_payload=True, with_vectors=False)
         )
-        found = {(s.tenant_id, s.doc_id): s for s in (doc_state_from_payload(r.payload or {}) for r in records)}
-        return {key: found[key] for key in keys if key in found}
+        return doc_states_by_key(keys, (r.payload or {} for r in records))
 
     async def put_doc_states(self, states: Sequence[DocState]) -> None:
         if not states:
@@ -320,14 +320,12 @@ class QdrantStore(VectorStore):
     async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
         if not points:
             return
-        structs = [models.PointStruct(id=p.id, vector=_as_list(p.vector), payload=dict(p.payload)) for p in points]
+        structs = [models.PointStruct(id=p.id, vector=as_floats(p.vector), payload=dict(p.payload)) for p in points]
         await self._call("upsert chunks", lambda c: c.upsert(self._collection, structs, wait=True))
 
     async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
-        must: list[Condition] = [Match(TENANT, tenant_id), Match(DOC, doc_id)]
-        if below_version is not None:
-            must.append(Range(VERSION, lt=below_version))
-        selector = models.FilterSelector(filter=_qdrant_filter(Filter(must=tuple(must))))
+        flt = _qdrant_filter(doc_chunks_filter(tenant_id, doc_id, below_version=below_version))
+        selector = models.FilterSelector(filter=flt)
         await self._call("delete chunks", lambda c: c.delete(self._collection, points_selector=selector, wait=True))
 
     async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
@@ -350,7 +348,7 @@ class QdrantStore(VectorStore):
         hits: list[Hit] = []
         offset: Any = None
         while len(hits) < limit:
-            page = min(_PAGE, limit - len(hits))
+            page = min(SCROLL_PAGE, limit - len(hits))
             records, offset = await self._call(
                 "scroll",
                 lambda c, o=offset, n=page: c.scroll(
@@ -383,7 +381,7 @@ class QdrantStore(VectorStore):
                     else models.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling)
                 )
             params = models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=quantization)
-        query = _as_list(vector)
+        query = as_floats(vector)
         response = await self._call(
             "search",
             lambda c: c.query_points(
@@ -453,11 +451,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ResponseHandlingException):  # its own str() is empty; the cause is in .source
         return f"{type(exc.source).__name__}: {exc.source}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _as_list(vector: Sequence[float]) -> list[float]:
-    tolist = getattr(vector, "tolist", None)
-    return [float(x) for x in (tolist() if tolist is not None else vector)]
 
 
 # --- filter translation -------------------------------------------------------------------------------------
