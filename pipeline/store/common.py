@@ -1,13 +1,24 @@
 """What the Qdrant adapters share that is not part of the port: settings read into the port's parameter
-objects, the filter that selects one document's chunks, vectors as plain float lists, and the scroll page size.
+objects, the filter that selects one document's chunks, vectors in and out as plain float lists, match-any
+values as Qdrant takes them, and the scroll page size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pipeline.store.base import DOC, TENANT, VERSION, Condition, Filter, HnswParams, Match, Range, VectorLayout
+from pipeline.store.base import (
+    DOC,
+    TENANT,
+    VERSION,
+    Condition,
+    Filter,
+    HnswParams,
+    Match,
+    Range,
+    VectorLayout,
+    VectorLike,
+)
 
 if TYPE_CHECKING:
     from pipeline.settings import StoreSettings
@@ -42,7 +53,26 @@ def doc_chunks_filter(tenant_id: str, doc_id: str, *, below_version: int | None 
     return Filter(must=tuple(must))
 
 
-def as_floats(vector: Sequence[float]) -> list[float]:
+def as_floats(vector: VectorLike) -> list[float]:
     """A vector as the list of Python floats the clients send (numpy arrays included)."""
     tolist = getattr(vector, "tolist", None)  # numpy arrays
     return [float(x) for x in (tolist() if tolist is not None else vector)]
+
+
+def dense_floats(vector: object) -> list[float] | None:
+    """The vector a client returned for a point as floats, when it is one unnamed dense vector (what this
+    project's collections hold); None when there is none, or it is named, sparse or a multi-vector."""
+    if not isinstance(vector, list) or (vector and isinstance(vector[0], list)):
+        return None
+    return [float(x) for x in vector]
+
+
+def match_any_values(values: tuple[str | int, ...]) -> list[str] | list[int]:
+    """``values`` as Qdrant's match-any takes them: all keywords or all integers, never a mix."""
+    strings = [v for v in values if isinstance(v, str)]
+    if len(strings) == len(values):
+        return strings
+    integers = [v for v in values if isinstance(v, int)]
+    if len(integers) == len(values):
+        return integers
+    raise ValueError(f"a match-any condition takes only strings or only integers, not both: {values!r}")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 import qdrant_edge as qe
@@ -35,15 +35,18 @@ from pipeline.store.base import (
     Range,
     StoreInfo,
     VectorLayout,
+    VectorLike,
     VectorStore,
     doc_point_id,
 )
 from pipeline.store.common import (
     SCROLL_PAGE,
     as_floats,
+    dense_floats,
     doc_chunks_filter,
     hnsw_from_settings,
     layout_from_settings,
+    match_any_values,
 )
 from pipeline.store.registry import (
     META_POINT_ID,
@@ -264,7 +267,8 @@ class EdgeStore(VectorStore):
             return {}
 
         def get() -> dict[tuple[str, str], DocState]:
-            records = self._registry_shard().retrieve(doc_state_ids(keys), with_payload=True, with_vector=False)
+            ids: list[qe.PointId] = list(doc_state_ids(keys))  # the stub's list is invariant
+            records = self._registry_shard().retrieve(ids, with_payload=True, with_vector=False)
             return doc_states_by_key(keys, (r.payload or {} for r in records))
 
         return await self._run(get)
@@ -294,7 +298,8 @@ class EdgeStore(VectorStore):
 
         def get() -> dict[str, list[float]]:
             records = self._chunk_shard().retrieve(list(dict.fromkeys(ids)), with_payload=False, with_vector=True)
-            return {str(r.id): [float(x) for x in r.vector] for r in records if r.vector is not None}
+            vectors = ((str(r.id), dense_floats(r.vector)) for r in records)
+            return {point_id: vector for point_id, vector in vectors if vector is not None}
 
         return await self._run(get)
 
@@ -326,7 +331,7 @@ class EdgeStore(VectorStore):
 
     async def search(
         self,
-        vector: Sequence[float],
+        vector: VectorLike,
         *,
         flt: Filter | None,
         limit: int,
@@ -351,7 +356,7 @@ class EdgeStore(VectorStore):
                     id=str(p.id),
                     score=float(p.score),
                     payload=dict(p.payload or {}),
-                    vector=[float(x) for x in p.vector] if with_vectors and p.vector is not None else None,
+                    vector=dense_floats(p.vector) if with_vectors else None,
                 )
                 for p in self._chunk_shard().query(request)
             ]
@@ -434,6 +439,10 @@ def _retrieve_payload(shard: qe.EdgeShard, point_id: str) -> dict[str, Any] | No
 # --- filter translation -------------------------------------------------------------------------------------
 
 
+@overload
+def _edge_filter(flt: Filter) -> qe.Filter: ...
+@overload
+def _edge_filter(flt: Filter | None) -> qe.Filter | None: ...
 def _edge_filter(flt: Filter | None) -> qe.Filter | None:
     if flt is None:
         return None
@@ -450,7 +459,7 @@ def _edge_condition(cond: Condition) -> Any:
     if isinstance(cond, Match):
         return qe.FieldCondition(cond.key, match=qe.MatchValue(_match_value(cond.value)))
     if isinstance(cond, MatchAny):
-        return qe.FieldCondition(cond.key, match=qe.MatchAny(list(cond.values)))
+        return qe.FieldCondition(cond.key, match=qe.MatchAny(match_any_values(cond.values)))
     if isinstance(cond, Range):
         return qe.FieldCondition(cond.key, range=qe.RangeFloat(gte=cond.gte, gt=cond.gt, lte=cond.lte, lt=cond.lt))
     raise TypeError(f"not a filter condition: {cond!r}")

@@ -6,6 +6,7 @@ Local mode (a folder or ":memory:") searches by brute force and ignores HNSW and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -38,15 +39,18 @@ from pipeline.store.base import (
     Range,
     StoreInfo,
     VectorLayout,
+    VectorLike,
     VectorStore,
     doc_point_id,
 )
 from pipeline.store.common import (
     SCROLL_PAGE,
     as_floats,
+    dense_floats,
     doc_chunks_filter,
     hnsw_from_settings,
     layout_from_settings,
+    match_any_values,
 )
 from pipeline.store.registry import (
     META_POINT_ID,
@@ -271,10 +275,14 @@ class QdrantStore(VectorStore):
             return  # local mode has no payload indexes (and warns when asked for one)
         for field_name, schema in _CHUNK_INDEXES:
             if field_name not in existing:
-                await self._call(
-                    f"create index {field_name}",
-                    lambda c, f=field_name, s=schema: c.create_payload_index(self._collection, f, s, wait=True),
+                create = functools.partial(
+                    AsyncQdrantClient.create_payload_index,
+                    collection_name=self._collection,
+                    field_name=field_name,
+                    field_schema=schema,
+                    wait=True,
                 )
+                await self._call(f"create index {field_name}", create)
 
     async def _create_collection(self, name: str, **config: Any) -> None:
         try:
@@ -335,7 +343,8 @@ class QdrantStore(VectorStore):
         records = await self._call(
             "read vectors", lambda c: c.retrieve(self._collection, unique, with_payload=False, with_vectors=True)
         )
-        return {str(r.id): [float(x) for x in r.vector] for r in records if isinstance(r.vector, list)}
+        vectors = ((str(r.id), dense_floats(r.vector)) for r in records)
+        return {point_id: vector for point_id, vector in vectors if vector is not None}
 
     async def count(self, flt: Filter | None = None) -> int:
         result = await self._call(
@@ -348,13 +357,16 @@ class QdrantStore(VectorStore):
         hits: list[Hit] = []
         offset: Any = None
         while len(hits) < limit:
-            page = min(SCROLL_PAGE, limit - len(hits))
-            records, offset = await self._call(
-                "scroll",
-                lambda c, o=offset, n=page: c.scroll(
-                    self._collection, scroll_filter=qflt, limit=n, offset=o, with_payload=True, with_vectors=False
-                ),
+            next_page = functools.partial(
+                AsyncQdrantClient.scroll,
+                collection_name=self._collection,
+                scroll_filter=qflt,
+                limit=min(SCROLL_PAGE, limit - len(hits)),
+                offset=offset,
+                with_payload=True,
+                with_vectors=False,
             )
+            records, offset = await self._call("scroll", next_page)
             hits.extend(Hit(id=str(r.id), score=0.0, payload=dict(r.payload or {})) for r in records)
             if offset is None or not records:
                 break
@@ -362,7 +374,7 @@ class QdrantStore(VectorStore):
 
     async def search(
         self,
-        vector: Sequence[float],
+        vector: VectorLike,
         *,
         flt: Filter | None,
         limit: int,
@@ -399,7 +411,7 @@ class QdrantStore(VectorStore):
                 id=str(p.id),
                 score=float(p.score),
                 payload=dict(p.payload or {}),
-                vector=[float(x) for x in p.vector] if with_vectors and isinstance(p.vector, list) else None,
+                vector=dense_floats(p.vector) if with_vectors else None,
             )
             for p in response.points
         ]
@@ -472,7 +484,7 @@ def _qdrant_condition(cond: Condition) -> Any:
     if isinstance(cond, Match):
         return models.FieldCondition(key=cond.key, match=models.MatchValue(value=cond.value))
     if isinstance(cond, MatchAny):
-        return models.FieldCondition(key=cond.key, match=models.MatchAny(any=list(cond.values)))
+        return models.FieldCondition(key=cond.key, match=models.MatchAny(any=match_any_values(cond.values)))
     if isinstance(cond, Range):
         return models.FieldCondition(
             key=cond.key, range=models.Range(gt=cond.gt, gte=cond.gte, lt=cond.lt, lte=cond.lte)
