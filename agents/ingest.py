@@ -11,7 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from pipeline import metrics as m
 from pipeline.decode import Record, Rejected
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: a dead letter that the dead-letter topic cannot hold whole keeps this many bytes of its value
 TRUNCATED_VALUE_BYTES = 64 * 1024
+#: how long one lag update may take before it is given up until the next tick
+LAG_UPDATE_TIMEOUT_SECONDS = 4.0
 
 
 def to_record(event: Any) -> Record:
@@ -122,9 +127,15 @@ def install_ingest_agent(
         except Exception:  # noqa: BLE001 - the next tick tries again; ingest is unaffected
             log.exception("building the HNSW index failed; will retry")
 
+    lag = ConsumerLagGauge(app, settings.kafka.documents_topic, app.conf.id, settings.kafka.bootstrap_servers)
+
     @app.timer(interval=5.0)
     async def report_lag() -> None:
-        update_consumer_lag(app, settings.kafka.documents_topic)
+        await lag.update()
+
+    @app.on_before_shutdown.connect
+    async def close_lag_gauge(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await lag.close()
 
     return agent
 
@@ -143,23 +154,86 @@ def give_back_on_stop(app: faust.App, service: IngestService) -> None:
             app.conf.stream_wait_empty = False
 
 
-def update_consumer_lag(app: faust.App, topic: str) -> None:
-    """Lag per assigned partition: log-end offset minus the committed offset (what a restart would replay)."""
-    consumer = app.consumer
-    assigned = {tp for tp in consumer.assignment() if tp.topic == topic}
-    # forget partitions this worker no longer owns, or their last value would stay on the dashboard
-    owned = {str(tp.partition) for tp in assigned}
-    for labels in list(m.CONSUMER_LAG._metrics):
-        if labels[0] not in owned:
-            m.CONSUMER_LAG.remove(*labels)
-    for tp in assigned:
+class ConsumerLagGauge:
+    """``vectorstream_consumer_lag_messages`` per assigned documents partition: the log-end offset minus the
+    group's committed offset, i.e. what a restart would replay.
+
+    Public API only: the committed offsets are the broker's (an admin client's OffsetFetch, as
+    ``kafka-consumer-groups.sh`` reads them, so they are right after a restart or a rebalance), the log-end
+    offsets come from faust's ``highwaters()`` (a fresh ListOffsets, so the lag keeps growing while consumption
+    is paused), and a partition the group never committed counts from its log-start offset (``earliest()``
+    reset). Partitions this worker no longer owns lose their label, or their last value would stay on the
+    dashboard. A failed update keeps the last values and is retried on the next tick.
+    """
+
+    def __init__(self, app: faust.App, topic: str, group_id: str, bootstrap_servers: str) -> None:
+        self.app = app
+        self.topic = topic
+        self.group_id = group_id
+        self.bootstrap_servers = bootstrap_servers
+        self._admin: AIOKafkaAdminClient | None = None
+        self._labelled: set[int] = set()
+        self._failing = False
+
+    async def update(self) -> None:
+        consumer = self.app.consumer
+        assigned = sorted((tp for tp in consumer.assignment() if tp.topic == self.topic), key=lambda tp: tp.partition)
+        owned = {tp.partition for tp in assigned}
+        for partition in self._labelled - owned:
+            m.CONSUMER_LAG.remove(str(partition))
+        self._labelled &= owned
+        if not assigned:
+            return
         try:
-            highwater = consumer.highwater(tp)
-        except Exception:  # noqa: BLE001 - not fetched yet
-            continue
-        if highwater is None:
-            continue
-        committed = consumer._committed_offset.get(tp)  # faust keeps the last committed offset per partition
-        read = consumer._read_offset.get(tp)
-        position = committed if committed is not None else (read + 1 if read is not None else 0)
-        m.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, highwater - position))
+            async with asyncio.timeout(LAG_UPDATE_TIMEOUT_SECONDS):
+                ends = await consumer.highwaters(*assigned)
+                committed = await self._committed(assigned)
+                never = [tp for tp in assigned if tp not in committed]
+                starts = await consumer.earliest_offsets(*never) if never else {}
+        except Exception as exc:  # noqa: BLE001 - a gauge never takes the worker down; the next tick retries
+            log.log(logging.DEBUG if self._failing else logging.WARNING, "consumer lag not updated: %r", exc)
+            self._failing = True
+            await self._close_admin()  # a broken connection is rebuilt on the next tick
+            return
+        self._failing = False
+        for tp in assigned:
+            end = ends.get(tp)
+            start = committed.get(tp, starts.get(tp))
+            if end is None or start is None:
+                continue
+            m.CONSUMER_LAG.labels(partition=str(tp.partition)).set(max(0, end - start))
+            self._labelled.add(tp.partition)
+
+    async def _committed(self, partitions: list[Any]) -> dict[Any, int]:
+        """The group's committed offset (the next offset to read) of each of ``partitions`` that has one."""
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap_servers,
+                client_id=f"{self.group_id}-lag",
+                request_timeout_ms=int(LAG_UPDATE_TIMEOUT_SECONDS * 1000),
+                # the same security settings faust's own consumer connects with
+                **credentials_to_aiokafka_auth(self.app.conf.broker_credentials, self.app.conf.ssl_context),
+            )
+            try:
+                await admin.start()
+            except BaseException:
+                await admin.close()
+                raise
+            self._admin = admin
+        offsets = await self._admin.list_consumer_group_offsets(
+            self.group_id, partitions=[TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        )
+        by_key = {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+        found = {tp: by_key.get((tp.topic, tp.partition), -1) for tp in partitions}
+        return {tp: offset for tp, offset in found.items() if offset >= 0}  # -1: never committed
+
+    async def close(self) -> None:
+        await self._close_admin()
+
+    async def _close_admin(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            try:
+                await admin.close()
+            except Exception as exc:  # noqa: BLE001 - closing a connection that is already gone
+                log.debug("closing the lag admin client failed: %r", exc)

@@ -67,7 +67,10 @@ class Embedder:
         if dim is None:
             raise ValueError(f"model {self.name!r} does not declare its embedding dimension")
         self.dim: int = int(dim)
-        self.max_seq_length: int = int(self.model.max_seq_length)
+        max_seq_length = self.model.max_seq_length
+        if max_seq_length is None:  # chunking needs it: a chunk must never be cut off silently
+            raise ValueError(f"model {self.name!r} does not declare its maximum sequence length")
+        self.max_seq_length: int = int(max_seq_length)
         self.tokenizer = self.model.tokenizer
         self._special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")

@@ -1,5 +1,5 @@
 """The vector-store package: the port (``base``), the adapters (``edge``, ``qdrant``), the document registry
-layout they share (``registry``), and ``open_store`` to pick an adapter by settings.
+layout they share (``registry``), the helpers they share (``common``), and ``open_store`` to pick an adapter.
 """
 
 from __future__ import annotations

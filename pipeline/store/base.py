@@ -10,7 +10,13 @@ import abc
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeAlias, Union
+
+import numpy as np
+from numpy.typing import NDArray
+
+#: what the port accepts as a vector: a sequence of floats or a numpy array (what the embedder returns)
+VectorLike: TypeAlias = Union[Sequence[float], NDArray[np.floating[Any]]]
 
 # --- ids --------------------------------------------------------------------------------------------------
 
@@ -90,7 +96,7 @@ Condition = Union[Match, MatchAny, Range, Filter]
 @dataclass(frozen=True)
 class ChunkPoint:
     id: str
-    vector: Sequence[float]
+    vector: VectorLike
     payload: dict[str, Any]
 
 
@@ -196,7 +202,7 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     async def search(
         self,
-        vector: Sequence[float],
+        vector: VectorLike,
         *,
         flt: Filter | None,
         limit: int,

@@ -1,13 +1,30 @@
-"""What the store adapters share that is not part of the port: the vector layout read from settings."""
+"""What the Qdrant adapters share that is not part of the port: settings read into the port's parameter
+objects, the filter that selects one document's chunks, vectors in and out as plain float lists, match-any
+values as Qdrant takes them, and the scroll page size.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.store.base import VectorLayout
+from pipeline.store.base import (
+    DOC,
+    TENANT,
+    VERSION,
+    Condition,
+    Filter,
+    HnswParams,
+    Match,
+    Range,
+    VectorLayout,
+    VectorLike,
+)
 
 if TYPE_CHECKING:
     from pipeline.settings import StoreSettings
+
+#: points per scroll request
+SCROLL_PAGE = 1_000
 
 
 def layout_from_settings(settings: StoreSettings) -> VectorLayout:
@@ -18,3 +35,44 @@ def layout_from_settings(settings: StoreSettings) -> VectorLayout:
         hnsw_on_disk=settings.hnsw_on_disk,
         max_segment_size_kb=settings.max_segment_size_kb,
     )
+
+
+def hnsw_from_settings(settings: StoreSettings) -> HnswParams:
+    return HnswParams(
+        m=settings.hnsw_m,
+        ef_construct=settings.hnsw_ef_construct,
+        full_scan_threshold_kb=settings.full_scan_threshold_kb,
+    )
+
+
+def doc_chunks_filter(tenant_id: str, doc_id: str, *, below_version: int | None = None) -> Filter:
+    """The chunks of one document: all of them, or those whose version is below ``below_version``."""
+    must: list[Condition] = [Match(TENANT, tenant_id), Match(DOC, doc_id)]
+    if below_version is not None:
+        must.append(Range(VERSION, lt=below_version))
+    return Filter(must=tuple(must))
+
+
+def as_floats(vector: VectorLike) -> list[float]:
+    """A vector as the list of Python floats the clients send (numpy arrays included)."""
+    tolist = getattr(vector, "tolist", None)  # numpy arrays
+    return [float(x) for x in (tolist() if tolist is not None else vector)]
+
+
+def dense_floats(vector: object) -> list[float] | None:
+    """The vector a client returned for a point as floats, when it is one unnamed dense vector (what this
+    project's collections hold); None when there is none, or it is named, sparse or a multi-vector."""
+    if not isinstance(vector, list) or (vector and isinstance(vector[0], list)):
+        return None
+    return [float(x) for x in vector]
+
+
+def match_any_values(values: tuple[str | int, ...]) -> list[str] | list[int]:
+    """``values`` as Qdrant's match-any takes them: all keywords or all integers, never a mix."""
+    strings = [v for v in values if isinstance(v, str)]
+    if len(strings) == len(values):
+        return strings
+    integers = [v for v in values if isinstance(v, int)]
+    if len(integers) == len(values):
+        return integers
+    raise ValueError(f"a match-any condition takes only strings or only integers, not both: {values!r}")

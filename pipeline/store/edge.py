@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 import qdrant_edge as qe
@@ -35,15 +35,26 @@ from pipeline.store.base import (
     Range,
     StoreInfo,
     VectorLayout,
+    VectorLike,
     VectorStore,
     doc_point_id,
+)
+from pipeline.store.common import (
+    SCROLL_PAGE,
+    as_floats,
+    dense_floats,
+    doc_chunks_filter,
+    hnsw_from_settings,
+    layout_from_settings,
+    match_any_values,
 )
 from pipeline.store.registry import (
     META_POINT_ID,
     REGISTRY_VECTOR,
     check_meta,
-    doc_state_from_payload,
+    doc_state_ids,
     doc_state_payload,
+    doc_states_by_key,
     meta_payload,
     registry_name,
 )
@@ -80,8 +91,6 @@ _UNAVAILABLE_MARKERS = (
     "read-only file system",
 )
 
-_PAGE = 1_000
-
 
 class EdgeStore(VectorStore):
     """Two Edge shards under ``root``: ``<collection>`` (the chunks) and ``<collection>__registry``.
@@ -114,16 +123,10 @@ class EdgeStore(VectorStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> EdgeStore:
-        from pipeline.store.common import layout_from_settings
-
         return cls(
             settings.path,
             settings.collection,
-            hnsw=HnswParams(
-                m=settings.hnsw_m,
-                ef_construct=settings.hnsw_ef_construct,
-                full_scan_threshold_kb=settings.full_scan_threshold_kb,
-            ),
+            hnsw=hnsw_from_settings(settings),
             hnsw_ef=settings.hnsw_ef,
             layout=layout_from_settings(settings),
         )
@@ -264,11 +267,9 @@ class EdgeStore(VectorStore):
             return {}
 
         def get() -> dict[tuple[str, str], DocState]:
-            ids = list(dict.fromkeys(doc_point_id(t, d) for t, d in keys))
+            ids: list[qe.PointId] = list(doc_state_ids(keys))  # the stub's list is invariant
             records = self._registry_shard().retrieve(ids, with_payload=True, with_vector=False)
-            states = (doc_state_from_payload(r.payload or {}) for r in records)
-            found = {(s.tenant_id, s.doc_id): s for s in states}
-            return {key: found[key] for key in keys if key in found}
+            return doc_states_by_key(keys, (r.payload or {} for r in records))
 
         return await self._run(get)
 
@@ -283,14 +284,12 @@ class EdgeStore(VectorStore):
     async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
         if not points:
             return
-        edge_points = [qe.Point(p.id, _as_list(p.vector), dict(p.payload)) for p in points]
+        edge_points = [qe.Point(p.id, as_floats(p.vector), dict(p.payload)) for p in points]
         await self._run(self._write, self._chunk_shard, qe.UpdateOperation.upsert_points(edge_points))
 
     async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
-        must: list[Condition] = [Match(TENANT, tenant_id), Match(DOC, doc_id)]
-        if below_version is not None:
-            must.append(Range(VERSION, lt=below_version))
-        op = qe.UpdateOperation.delete_points_by_filter(_edge_filter(Filter(must=tuple(must))))
+        flt = _edge_filter(doc_chunks_filter(tenant_id, doc_id, below_version=below_version))
+        op = qe.UpdateOperation.delete_points_by_filter(flt)
         await self._run(self._write, self._chunk_shard, op)
 
     async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
@@ -299,7 +298,8 @@ class EdgeStore(VectorStore):
 
         def get() -> dict[str, list[float]]:
             records = self._chunk_shard().retrieve(list(dict.fromkeys(ids)), with_payload=False, with_vector=True)
-            return {str(r.id): [float(x) for x in r.vector] for r in records if r.vector is not None}
+            vectors = ((str(r.id), dense_floats(r.vector)) for r in records)
+            return {point_id: vector for point_id, vector in vectors if vector is not None}
 
         return await self._run(get)
 
@@ -316,7 +316,7 @@ class EdgeStore(VectorStore):
             while len(hits) < limit:
                 request = qe.ScrollRequest(
                     offset=offset,
-                    limit=min(_PAGE, limit - len(hits)),
+                    limit=min(SCROLL_PAGE, limit - len(hits)),
                     filter=edge_flt,
                     with_payload=True,
                     with_vector=False,
@@ -331,7 +331,7 @@ class EdgeStore(VectorStore):
 
     async def search(
         self,
-        vector: Sequence[float],
+        vector: VectorLike,
         *,
         flt: Filter | None,
         limit: int,
@@ -341,7 +341,7 @@ class EdgeStore(VectorStore):
     ) -> list[Hit]:
         request = qe.QueryRequest(
             limit=limit,
-            query=qe.Query.Nearest(_as_list(vector)),
+            query=qe.Query.Nearest(as_floats(vector)),
             filter=_edge_filter(flt),
             params=qe.SearchParams(
                 hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=self._quantization(exact)
@@ -356,7 +356,7 @@ class EdgeStore(VectorStore):
                     id=str(p.id),
                     score=float(p.score),
                     payload=dict(p.payload or {}),
-                    vector=[float(x) for x in p.vector] if with_vectors and p.vector is not None else None,
+                    vector=dense_floats(p.vector) if with_vectors else None,
                 )
                 for p in self._chunk_shard().query(request)
             ]
@@ -436,14 +436,13 @@ def _retrieve_payload(shard: qe.EdgeShard, point_id: str) -> dict[str, Any] | No
     return dict(records[0].payload or {}) if records else None
 
 
-def _as_list(vector: Sequence[float]) -> list[float]:
-    tolist = getattr(vector, "tolist", None)  # numpy arrays
-    return [float(x) for x in (tolist() if tolist is not None else vector)]
-
-
 # --- filter translation -------------------------------------------------------------------------------------
 
 
+@overload
+def _edge_filter(flt: Filter) -> qe.Filter: ...
+@overload
+def _edge_filter(flt: Filter | None) -> qe.Filter | None: ...
 def _edge_filter(flt: Filter | None) -> qe.Filter | None:
     if flt is None:
         return None
@@ -460,7 +459,7 @@ def _edge_condition(cond: Condition) -> Any:
     if isinstance(cond, Match):
         return qe.FieldCondition(cond.key, match=qe.MatchValue(_match_value(cond.value)))
     if isinstance(cond, MatchAny):
-        return qe.FieldCondition(cond.key, match=qe.MatchAny(list(cond.values)))
+        return qe.FieldCondition(cond.key, match=qe.MatchAny(match_any_values(cond.values)))
     if isinstance(cond, Range):
         return qe.FieldCondition(cond.key, range=qe.RangeFloat(gte=cond.gte, gt=cond.gt, lte=cond.lte, lt=cond.lt))
     raise TypeError(f"not a filter condition: {cond!r}")

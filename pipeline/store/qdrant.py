@@ -6,6 +6,7 @@ Local mode (a folder or ":memory:") searches by brute force and ignores HNSW and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -38,15 +39,26 @@ from pipeline.store.base import (
     Range,
     StoreInfo,
     VectorLayout,
+    VectorLike,
     VectorStore,
     doc_point_id,
+)
+from pipeline.store.common import (
+    SCROLL_PAGE,
+    as_floats,
+    dense_floats,
+    doc_chunks_filter,
+    hnsw_from_settings,
+    layout_from_settings,
+    match_any_values,
 )
 from pipeline.store.registry import (
     META_POINT_ID,
     REGISTRY_VECTOR,
     check_meta,
-    doc_state_from_payload,
+    doc_state_ids,
     doc_state_payload,
+    doc_states_by_key,
     meta_payload,
     registry_name,
 )
@@ -80,7 +92,6 @@ _RETRIABLE_GRPC = frozenset(
 #: RuntimeErrors of local mode that are about reaching the storage folder
 _LOCAL_UNAVAILABLE = ("already accessed by another instance", "instance is closed")
 
-_PAGE = 1_000
 #: how long build_index waits at most for a server to finish optimizing
 _INDEX_WAIT_SECONDS = 60.0
 
@@ -133,8 +144,6 @@ class QdrantStore(VectorStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> QdrantStore:
-        from pipeline.store.common import layout_from_settings
-
         if settings.url:
             where: dict[str, Any] = {"url": settings.url}
         elif settings.local_path is not None:
@@ -150,11 +159,7 @@ class QdrantStore(VectorStore):
             api_key=settings.api_key.get_secret_value() if settings.api_key else None,
             prefer_grpc=settings.prefer_grpc,
             timeout_seconds=settings.timeout_seconds,
-            hnsw=HnswParams(
-                m=settings.hnsw_m,
-                ef_construct=settings.hnsw_ef_construct,
-                full_scan_threshold_kb=settings.full_scan_threshold_kb,
-            ),
+            hnsw=hnsw_from_settings(settings),
             hnsw_ef=settings.hnsw_ef,
             layout=layout_from_settings(settings),
             shard_number=settings.shard_number,
@@ -270,10 +275,14 @@ class QdrantStore(VectorStore):
             return  # local mode has no payload indexes (and warns when asked for one)
         for field_name, schema in _CHUNK_INDEXES:
             if field_name not in existing:
-                await self._call(
-                    f"create index {field_name}",
-                    lambda c, f=field_name, s=schema: c.create_payload_index(self._collection, f, s, wait=True),
+                create = functools.partial(
+                    AsyncQdrantClient.create_payload_index,
+                    collection_name=self._collection,
+                    field_name=field_name,
+                    field_schema=schema,
+                    wait=True,
                 )
+                await self._call(f"create index {field_name}", create)
 
     async def _create_collection(self, name: str, **config: Any) -> None:
         try:
@@ -297,12 +306,11 @@ class QdrantStore(VectorStore):
     async def get_doc_states(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], DocState]:
         if not keys:
             return {}
-        ids = list(dict.fromkeys(doc_point_id(t, d) for t, d in keys))
+        ids = doc_state_ids(keys)
         records = await self._call(
             "read doc states", lambda c: c.retrieve(self._registry, ids, with_payload=True, with_vectors=False)
         )
-        found = {(s.tenant_id, s.doc_id): s for s in (doc_state_from_payload(r.payload or {}) for r in records)}
-        return {key: found[key] for key in keys if key in found}
+        return doc_states_by_key(keys, (r.payload or {} for r in records))
 
     async def put_doc_states(self, states: Sequence[DocState]) -> None:
         if not states:
@@ -320,14 +328,12 @@ class QdrantStore(VectorStore):
     async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
         if not points:
             return
-        structs = [models.PointStruct(id=p.id, vector=_as_list(p.vector), payload=dict(p.payload)) for p in points]
+        structs = [models.PointStruct(id=p.id, vector=as_floats(p.vector), payload=dict(p.payload)) for p in points]
         await self._call("upsert chunks", lambda c: c.upsert(self._collection, structs, wait=True))
 
     async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
-        must: list[Condition] = [Match(TENANT, tenant_id), Match(DOC, doc_id)]
-        if below_version is not None:
-            must.append(Range(VERSION, lt=below_version))
-        selector = models.FilterSelector(filter=_qdrant_filter(Filter(must=tuple(must))))
+        flt = _qdrant_filter(doc_chunks_filter(tenant_id, doc_id, below_version=below_version))
+        selector = models.FilterSelector(filter=flt)
         await self._call("delete chunks", lambda c: c.delete(self._collection, points_selector=selector, wait=True))
 
     async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
@@ -337,7 +343,8 @@ class QdrantStore(VectorStore):
         records = await self._call(
             "read vectors", lambda c: c.retrieve(self._collection, unique, with_payload=False, with_vectors=True)
         )
-        return {str(r.id): [float(x) for x in r.vector] for r in records if isinstance(r.vector, list)}
+        vectors = ((str(r.id), dense_floats(r.vector)) for r in records)
+        return {point_id: vector for point_id, vector in vectors if vector is not None}
 
     async def count(self, flt: Filter | None = None) -> int:
         result = await self._call(
@@ -350,13 +357,16 @@ class QdrantStore(VectorStore):
         hits: list[Hit] = []
         offset: Any = None
         while len(hits) < limit:
-            page = min(_PAGE, limit - len(hits))
-            records, offset = await self._call(
-                "scroll",
-                lambda c, o=offset, n=page: c.scroll(
-                    self._collection, scroll_filter=qflt, limit=n, offset=o, with_payload=True, with_vectors=False
-                ),
+            next_page = functools.partial(
+                AsyncQdrantClient.scroll,
+                collection_name=self._collection,
+                scroll_filter=qflt,
+                limit=min(SCROLL_PAGE, limit - len(hits)),
+                offset=offset,
+                with_payload=True,
+                with_vectors=False,
             )
+            records, offset = await self._call("scroll", next_page)
             hits.extend(Hit(id=str(r.id), score=0.0, payload=dict(r.payload or {})) for r in records)
             if offset is None or not records:
                 break
@@ -364,7 +374,7 @@ class QdrantStore(VectorStore):
 
     async def search(
         self,
-        vector: Sequence[float],
+        vector: VectorLike,
         *,
         flt: Filter | None,
         limit: int,
@@ -383,7 +393,7 @@ class QdrantStore(VectorStore):
                     else models.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling)
                 )
             params = models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=quantization)
-        query = _as_list(vector)
+        query = as_floats(vector)
         response = await self._call(
             "search",
             lambda c: c.query_points(
@@ -401,7 +411,7 @@ class QdrantStore(VectorStore):
                 id=str(p.id),
                 score=float(p.score),
                 payload=dict(p.payload or {}),
-                vector=[float(x) for x in p.vector] if with_vectors and isinstance(p.vector, list) else None,
+                vector=dense_floats(p.vector) if with_vectors else None,
             )
             for p in response.points
         ]
@@ -455,11 +465,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _as_list(vector: Sequence[float]) -> list[float]:
-    tolist = getattr(vector, "tolist", None)
-    return [float(x) for x in (tolist() if tolist is not None else vector)]
-
-
 # --- filter translation -------------------------------------------------------------------------------------
 
 
@@ -479,7 +484,7 @@ def _qdrant_condition(cond: Condition) -> Any:
     if isinstance(cond, Match):
         return models.FieldCondition(key=cond.key, match=models.MatchValue(value=cond.value))
     if isinstance(cond, MatchAny):
-        return models.FieldCondition(key=cond.key, match=models.MatchAny(any=list(cond.values)))
+        return models.FieldCondition(key=cond.key, match=models.MatchAny(any=match_any_values(cond.values)))
     if isinstance(cond, Range):
         return models.FieldCondition(
             key=cond.key, range=models.Range(gt=cond.gt, gte=cond.gte, lt=cond.lt, lte=cond.lte)

@@ -4,11 +4,11 @@ meta point recording the collection's {model, dim}; how those payloads look and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pipeline.errors import ModelMismatchError
-from pipeline.store.base import DOC, TENANT, VERSION, DocState
+from pipeline.store.base import DOC, TENANT, VERSION, DocState, doc_point_id
 
 # --- the registry layout, shared by the adapters ------------------------------------------------------------
 # The registry is a second collection, ``<collection>__registry``: one point per document (id doc_point_id,
@@ -46,6 +46,19 @@ def doc_state_from_payload(payload: Mapping[str, Any]) -> DocState:
         chunk_count=int(payload.get("chunk_count", 0)),
         chunk_hashes=tuple(str(h) for h in payload.get("chunk_hashes") or ()),
     )
+
+
+def doc_state_ids(keys: Sequence[tuple[str, str]]) -> list[str]:
+    """The registry point ids of (tenant_id, doc_id) ``keys``, each once, in order."""
+    return list(dict.fromkeys(doc_point_id(t, d) for t, d in keys))
+
+
+def doc_states_by_key(
+    keys: Sequence[tuple[str, str]], payloads: Iterable[Mapping[str, Any]]
+) -> dict[tuple[str, str], DocState]:
+    """The DocStates read back for ``keys`` (registry payloads in any order); a key without one is left out."""
+    found = {(s.tenant_id, s.doc_id): s for s in map(doc_state_from_payload, payloads)}
+    return {key: found[key] for key in keys if key in found}
 
 
 def meta_payload(model: str, dim: int) -> dict[str, Any]:
