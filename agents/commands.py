@@ -10,6 +10,7 @@ import asyncio
 
 from pipeline.client import QueryClient, QueryFailed
 from pipeline.consistency import check_topic
+from pipeline.kafka import KafkaConnectError
 from pipeline.recall import run_recall
 from pipeline.settings import Settings
 from schemas.queries import QueryResult
@@ -81,24 +82,28 @@ async def run_query_command(
     if token is None:  # a development token for the tenant, signed with the configured secret
         token = mint_token(settings.query, tenant=tenant, user=user, groups=groups or [])
     flt = json.loads(filter_json) if filter_json else None
-    async with QueryClient(
-        k.bootstrap_servers,
-        queries_topic=k.queries_topic,
-        replies_topic=k.replies_topic,
-        tenant=tenant,
-        token=token,
-        startup_timeout=min(wait, 30.0),
-    ) as client:
-        try:
-            result = await client.ask(
-                query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact, with_text=with_text, timeout=wait
-            )
-        except QueryFailed as exc:
-            print(f"error {exc.code.value}: {exc.reply.error.message}", file=sys.stderr)
-            return 1
-        except TimeoutError:
-            print(f"no reply within {wait:.0f} s (is a worker running on {k.bootstrap_servers}?)", file=sys.stderr)
-            return 1
+    try:
+        async with QueryClient(
+            k,  # bootstrap servers, TLS and SASL as configured
+            queries_topic=k.queries_topic,
+            replies_topic=k.replies_topic,
+            tenant=tenant,
+            token=token,
+            startup_timeout=min(wait, 30.0),
+        ) as client:
+            try:
+                result = await client.ask(
+                    query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact, with_text=with_text, timeout=wait
+                )
+            except QueryFailed as exc:
+                print(f"error {exc.code.value}: {exc.reply.error.message}", file=sys.stderr)
+                return 1
+            except TimeoutError:
+                print(f"no reply within {wait:.0f} s (is a worker running on {k.bootstrap_servers}?)", file=sys.stderr)
+                return 1
+    except KafkaConnectError as exc:
+        print(f"cannot connect to Kafka: {exc}", file=sys.stderr)
+        return 2
     print(hits_table(result))
     print(f"\n{len(result.hits)} hits for tenant {tenant!r} in {result.took_ms:.1f} ms ({result.model})")
     return 0
