@@ -137,6 +137,30 @@ class ModelSettings(BaseModel):
         return self
 
 
+#: What the Qdrant server (v1.19.0) refuses when it creates a collection or searches it, as its API validates
+#: them: ``#[validate(range(min = ...))]`` on ``HnswConfigDiff``, ``OptimizersConfigDiff`` and ``SearchParams``
+#: (lib/collection/src/operations/config_diff.rs, lib/segment/src/types.rs), on ``CreateCollection``
+#: (lib/storage/src/content_manager/collection_meta_ops.rs) and the same rules for gRPC (lib/api/build.rs).
+#: qdrant-client's local mode and Qdrant Edge check none of them, so StoreSettings does for backend "qdrant".
+#: setting -> (the server's field, smallest accepted, largest accepted or None)
+QDRANT_SERVER_LIMITS: dict[str, tuple[str, float, float | None]] = {
+    "hnsw_m": ("hnsw_config.m", 0, None),
+    "hnsw_ef_construct": ("hnsw_config.ef_construct", 4, None),
+    "full_scan_threshold_kb": ("hnsw_config.full_scan_threshold", 10, None),
+    "hnsw_ef": ("params.hnsw_ef", 1, None),
+    "quantization_oversampling": ("params.quantization.oversampling", 1.0, None),
+    "max_segment_size_kb": ("optimizers_config.max_segment_size", 1, None),
+    "shard_number": ("shard_number", 1, None),
+    "replication_factor": ("replication_factor", 1, None),
+    "write_consistency_factor": ("write_consistency_factor", 1, None),
+}
+#: the server's collection names: 1 to 255 characters, none of these (lib/common/common/src/validation.rs)
+QDRANT_COLLECTION_NAME_MAX = 255
+QDRANT_COLLECTION_NAME_FORBIDDEN = '<>:"/\\|?*\x00\x1f'
+#: what the adapter appends to store.collection for the document registry (pipeline/store/registry.py)
+REGISTRY_SUFFIX = "__registry"
+
+
 class StoreSettings(BaseModel):
     #: "edge": Qdrant Edge in-process, persisted under path (the embedded default);
     #: "qdrant": a Qdrant server at url (or qdrant-client's local mode when url is empty and local_path set)
@@ -161,8 +185,9 @@ class StoreSettings(BaseModel):
     hnsw_ef_construct: int = Field(default=128, ge=8, le=2048)
     #: query-time ef when a request does not ask for one
     hnsw_ef: int = Field(default=128, ge=1, le=4096)
-    #: below this many points (in KB of vectors) Qdrant searches exactly; the default builds HNSW early
-    full_scan_threshold_kb: int = Field(default=1, ge=1)
+    #: below this many KB of vectors a filtered search scans exactly instead of walking the graph
+    #: (1 KB = one 256-dim float vector; the Qdrant server refuses values below 10)
+    full_scan_threshold_kb: int = Field(default=10, ge=1)
     #: vector quantization: "none" searches the float32 vectors; "int8" keeps a scalar-quantized copy (4x smaller)
     #: in RAM, searches it and rescores the best candidates with the originals
     quantization: Literal["none", "int8"] = "none"
@@ -187,6 +212,35 @@ class StoreSettings(BaseModel):
     index_idle_seconds: float = Field(default=2.0, gt=0)
     #: ... or as soon as this many points are unindexed
     index_max_unindexed_points: int = Field(default=20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _within_the_qdrant_servers_limits(self) -> StoreSettings:
+        """Backend "qdrant": refuse what the server would refuse (local mode tolerates it, the server does not)."""
+        if self.backend != "qdrant":
+            return self
+        for name, (field, low, high) in QDRANT_SERVER_LIMITS.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                bound = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+                raise ValueError(
+                    f"store.{name}={value:g} is refused by the Qdrant server ({field} must be {bound}); "
+                    f"set VECTORSTREAM_STORE__{name.upper()} to {bound}"
+                )
+        if self.write_consistency_factor > self.replication_factor:
+            raise ValueError(
+                f"store.write_consistency_factor={self.write_consistency_factor} is above "
+                f"store.replication_factor={self.replication_factor}: no write could ever be confirmed by that many "
+                "replicas"
+            )
+        name = self.collection + REGISTRY_SUFFIX
+        bad = sorted({c for c in self.collection if c in QDRANT_COLLECTION_NAME_FORBIDDEN})
+        if not self.collection or len(name) > QDRANT_COLLECTION_NAME_MAX or bad:
+            raise ValueError(
+                f"store.collection={self.collection!r} is not a Qdrant collection name: 1 to "
+                f"{QDRANT_COLLECTION_NAME_MAX - len(REGISTRY_SUFFIX)} characters (the registry adds "
+                f"{REGISTRY_SUFFIX!r}), none of {QDRANT_COLLECTION_NAME_FORBIDDEN!r}"
+            )
+        return self
 
 
 class IngestSettings(BaseModel):
