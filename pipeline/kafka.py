@@ -121,10 +121,13 @@ async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdm
 # --- failing fast: can this client talk to the broker at all? ------------------------------------------------
 
 
-def _first_host(k: KafkaSettings) -> tuple[str, int]:
-    first = next(h.strip() for h in k.bootstrap_servers.split(",") if h.strip())
-    host, _, port = first.rpartition(":")
-    return (host.strip("[]") or first), int(port or 9092)
+def _hosts(k: KafkaSettings) -> list[tuple[str, int]]:
+    out = []
+    for entry in (h.strip() for h in k.bootstrap_servers.split(",")):
+        if entry:
+            host, _, port = entry.rpartition(":")
+            out.append((host.strip("[]"), int(port)) if host and port.isdigit() else (entry, 9092))
+    return out
 
 
 async def _speaks_tls(host: str, port: int, seconds: float) -> bool:
@@ -150,7 +153,8 @@ def _diagnosis(k: KafkaSettings, where: str, exc: BaseException) -> str:
     """One line saying what went wrong and which setting to fix."""
     protocol = k.security_protocol
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code == 62 or "hostname" in str(exc).lower():  # X509_V_ERR_HOSTNAME_MISMATCH
+        # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+        if exc.verify_code in (62, 64) or "mismatch" in str(exc).lower():
             return (
                 f"the TLS certificate of {where} does not name that host ({exc.verify_message}): fix "
                 "kafka.bootstrap_servers to a name the certificate carries (kafka.ssl_check_hostname=false "
@@ -187,56 +191,84 @@ def _diagnosis(k: KafkaSettings, where: str, exc: BaseException) -> str:
 
 
 async def check_connection(target: KafkaTarget) -> None:
-    """Connect (and log in) to the first bootstrap server once; KafkaConnectError names the setting to fix.
+    """Connect (and log in) to the bootstrap servers in turn until one works; when none does,
+    KafkaConnectError names the setting to fix (from the first server's failure).
 
     aiokafka's clients retry a refused login or a failed handshake and report only "Unable to bootstrap",
     so the worker and the CLI call this first: a wrong password, an untrusted CA or a plaintext client on a
     TLS listener is one clear line within seconds, never a retry loop.
     """
+    k = kafka_settings(target)
+    failures = []
+    for host, port in _hosts(k):
+        failure = await _probe(k, host, port)
+        if failure is None:
+            return  # one reachable bootstrap server is enough: it names the others
+        failures.append(failure)
+    if not failures:
+        raise KafkaConnectError("kafka.bootstrap_servers names no host:port")
+    first = failures[0]
+    if len(failures) > 1:
+        raise KafkaConnectError(f"{first} (and the other {len(failures) - 1} bootstrap servers failed too)") from first
+    raise first
+
+
+async def _probe(k: KafkaSettings, host: str, port: int) -> KafkaConnectError | None:
+    """Connect (and log in) to ``host:port`` once: None when that worked, else what to fix."""
     from aiokafka.conn import create_conn
 
-    k = kafka_settings(target)
     options = client_options(k)
     options.pop("bootstrap_servers")
-    host, port = _first_host(k)
     where = f"{host}:{port}"
     seconds = k.request_timeout_seconds
     try:
         async with asyncio.timeout(seconds):
             conn = await create_conn(host, port, client_id="vectorstream-check", **options)
     except (OSError, EOFError, KafkaError, TimeoutError) as exc:
-        cause: BaseException = exc
-        if isinstance(exc, KafkaConnectionError) and exc.__cause__ is not None:
-            cause = exc.__cause__
-        dropped = not isinstance(cause, ssl.SSLError | ConnectionRefusedError | socket.gaierror) and isinstance(
-            cause, KafkaConnectionError | ConnectionError | EOFError | TimeoutError
-        )
-        if dropped:
-            # the broker closed (or never answered) the connection: the usual sign of a protocol mismatch
-            tls = k.security_protocol in ("SSL", "SASL_SSL")
-            listener_tls = await _speaks_tls(host, port, 5.0)
-            if not tls and listener_tls:
-                raise KafkaConnectError(
-                    f"{where} is a TLS listener but kafka.security_protocol={k.security_protocol}: set it to "
-                    "SSL or SASL_SSL (with kafka.ssl_ca_file)"
-                ) from exc
-            if tls and not listener_tls:
-                raise KafkaConnectError(
-                    f"{where} does not speak TLS but kafka.security_protocol={k.security_protocol}: set it to "
-                    "PLAINTEXT or SASL_PLAINTEXT, or point kafka.bootstrap_servers at the TLS listener"
-                ) from exc
-            if tls and k.ssl_cert_file is None:
-                raise KafkaConnectError(
-                    f"{where} closed the TLS connection: it probably requires a client certificate "
-                    "(set kafka.ssl_cert_file and kafka.ssl_key_file)"
-                ) from exc
-            if isinstance(cause, TimeoutError):
-                raise KafkaConnectError(
-                    f"{where} did not answer within kafka.request_timeout_seconds={seconds:g}: check "
-                    "kafka.bootstrap_servers and kafka.security_protocol"
-                ) from exc
-        raise KafkaConnectError(_diagnosis(k, where, cause)) from exc
+        return _explain(k, where, exc, await _speaks_tls(host, port, 5.0) if _dropped(exc) else None)
     conn.close()
+    return None
+
+
+def _cause(exc: BaseException) -> BaseException:
+    if isinstance(exc, KafkaConnectionError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
+def _dropped(exc: BaseException) -> bool:
+    """The broker closed (or never answered) the connection: the usual sign of a protocol mismatch."""
+    cause = _cause(exc)
+    return not isinstance(cause, ssl.SSLError | ConnectionRefusedError | socket.gaierror) and isinstance(
+        cause, KafkaConnectionError | ConnectionError | EOFError | TimeoutError
+    )
+
+
+def _explain(k: KafkaSettings, where: str, exc: BaseException, listener_tls: bool | None) -> KafkaConnectError:
+    cause = _cause(exc)
+    if listener_tls is not None:
+        tls = k.security_protocol in ("SSL", "SASL_SSL")
+        if not tls and listener_tls:
+            return KafkaConnectError(
+                f"{where} is a TLS listener but kafka.security_protocol={k.security_protocol}: set it to "
+                "SSL or SASL_SSL (with kafka.ssl_ca_file)"
+            )
+        if tls and not listener_tls:
+            return KafkaConnectError(
+                f"{where} does not speak TLS but kafka.security_protocol={k.security_protocol}: set it to "
+                "PLAINTEXT or SASL_PLAINTEXT, or point kafka.bootstrap_servers at the TLS listener"
+            )
+        if tls and k.ssl_cert_file is None:
+            return KafkaConnectError(
+                f"{where} closed the TLS connection: it probably requires a client certificate "
+                "(set kafka.ssl_cert_file and kafka.ssl_key_file)"
+            )
+        if isinstance(cause, TimeoutError):
+            return KafkaConnectError(
+                f"{where} did not answer within kafka.request_timeout_seconds={k.request_timeout_seconds:g}: "
+                "check kafka.bootstrap_servers and kafka.security_protocol"
+            )
+    return KafkaConnectError(_diagnosis(k, where, cause))
 
 
 #: the dead-letter topic holds whole rejected records, including oversize ones

@@ -205,3 +205,16 @@ def test_the_cli_query_command_reports_a_bad_login(secured_kafka, monkeypatch):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "cannot connect to Kafka" in done.stderr and "kafka.sasl_password" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_one_reachable_bootstrap_server_is_enough(secured_kafka):
+    """A cluster with one bootstrap server down still starts: the check tries the next one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    k = secured_kafka.client_settings(
+        "sasl_ssl", bootstrap_servers=f"127.0.0.1:{dead},{secured_kafka.sasl_ssl_bootstrap}"
+    )
+    await check_connection(k)

@@ -4,6 +4,7 @@ aiokafka client and the faust app, and nothing in ``pipeline`` or ``agents`` con
 from __future__ import annotations
 
 import ast
+import socket
 import ssl
 from pathlib import Path
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KAFKA_CLASSES = {"AIOKafkaProducer", "AIOKafkaConsumer", "AIOKafkaAdminClient", "create_conn"}
 #: file -> the functions allowed to construct a Kafka client there
 ALLOWED = {
-    "pipeline/kafka.py": {"producer", "consumer", "admin_client", "check_connection"},
+    "pipeline/kafka.py": {"producer", "consumer", "admin_client", "_probe"},
     "agents/app.py": {"make_app"},
 }
 
@@ -68,15 +69,21 @@ def d(): return faust.App("id")
 
 
 def test_no_kafka_client_is_constructed_outside_the_builders() -> None:
+    """The product (pipeline/, agents/) and the test harness helpers build every client through pipeline.kafka."""
     offenders = []
     seen = set()
-    for folder in ("pipeline", "agents"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            rel = path.relative_to(ROOT).as_posix()
-            for function, what, line in kafka_constructions(path.read_text()):
-                seen.add((rel, function))
-                if function not in ALLOWED.get(rel, set()):
-                    offenders.append(f"{rel}:{line} {function}() constructs {what}")
+    helpers = [ROOT / "tests/chaos/harness.py", ROOT / "tests/integration/workers.py"]
+    for path in [
+        *sorted((ROOT / "pipeline").rglob("*.py")),
+        *sorted((ROOT / "agents").rglob("*.py")),
+        *sorted((ROOT / "tests/support").rglob("*.py")),
+        *helpers,
+    ]:
+        rel = path.relative_to(ROOT).as_posix()
+        for function, what, line in kafka_constructions(path.read_text()):
+            seen.add((rel, function))
+            if function not in ALLOWED.get(rel, set()):
+                offenders.append(f"{rel}:{line} {function}() constructs {what}")
     assert not offenders, "build Kafka clients with pipeline.kafka (producer/consumer/admin_client):\n" + "\n".join(
         offenders
     )
@@ -217,3 +224,55 @@ def test_invalid_settings_are_one_line_each_naming_the_variable(monkeypatch: pyt
         Settings()
     (line,) = invalid_settings(info.value)
     assert line.startswith("invalid setting store.hnsw_m (VECTORSTREAM_STORE__HNSW_M): ")
+
+
+async def test_the_broker_certificate_must_name_the_host(tmp_path: Path) -> None:
+    """Host-name verification is on by default: a certificate for 127.0.0.2 and localhost, served on
+    127.0.0.1 (a plain TLS server: this checks the client's TLS context, not Kafka), is refused when the
+    client dials 127.0.0.1, accepted for "localhost", and accepted for 127.0.0.1 only with the check off."""
+    import asyncio
+
+    from pipeline.kafka import KafkaConnectError, check_connection
+
+    pki = make_test_pki(tmp_path, host="127.0.0.2")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(pki.broker_keystore)
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    k = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}", security_protocol="SSL", ssl_ca_file=pki.ca_file)
+
+    async def handshake(settings: KafkaSettings, name: str) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl_context(settings), server_hostname=name)
+        writer.close()
+
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch|hostname mismatch"):
+            await handshake(k, "127.0.0.1")
+        with pytest.raises(KafkaConnectError, match=r"does not name that host.*kafka\.bootstrap_servers"):
+            await check_connection(k)
+        await handshake(k, "localhost")
+        await handshake(k.model_copy(update={"ssl_check_hostname": False}), "127.0.0.1")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_no_reachable_bootstrap_server_is_one_error_naming_the_setting() -> None:
+    from pipeline.kafka import KafkaConnectError, check_connection
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])  # closed again: nothing listens there
+    k = KafkaSettings(bootstrap_servers=",".join(f"127.0.0.1:{p}" for p in ports))
+    with pytest.raises(KafkaConnectError) as info:
+        await check_connection(k)
+    assert str(info.value) == (
+        f"nothing listens on 127.0.0.1:{ports[0]}: fix kafka.bootstrap_servers "
+        "(and the other 1 bootstrap servers failed too)"
+    )
