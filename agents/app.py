@@ -9,7 +9,8 @@ from typing import Any
 
 import faust
 
-from pipeline.settings import Settings
+from pipeline.kafka import ssl_context
+from pipeline.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -18,13 +19,27 @@ def broker_urls(settings: Settings) -> list[str]:
     return [f"kafka://{host.strip()}" for host in settings.kafka.bootstrap_servers.split(",") if host.strip()]
 
 
+def broker_credentials(k: KafkaSettings) -> Any:
+    """faust's form of the connection settings ``pipeline.kafka.client_options`` gives aiokafka clients: the
+    same TLS context (``pipeline.kafka.ssl_context``) and SASL login; faust passes them to every consumer
+    and producer it makes (``credentials_to_aiokafka_auth``). None means PLAINTEXT."""
+    context = ssl_context(k)
+    if k.security_protocol.startswith("SASL_"):
+        assert k.sasl_password is not None  # KafkaSettings checks it
+        return faust.SASLCredentials(
+            username=k.sasl_username,
+            password=k.sasl_password.get_secret_value(),
+            mechanism=k.sasl_mechanism,
+            ssl_context=context,  # SASL_SSL with it, SASL_PLAINTEXT without
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
 def make_app(settings: Settings) -> faust.App:
     k = settings.kafka
-    credentials: Any = None
-    if k.sasl_mechanism and k.sasl_username and k.sasl_password is not None:
-        credentials = faust.SASLCredentials(
-            username=k.sasl_username, password=k.sasl_password.get_secret_value(), mechanism=k.sasl_mechanism
-        )
+    credentials = broker_credentials(k)
     faust_dir = settings.data_dir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level itself
     return faust.App(

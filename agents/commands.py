@@ -17,8 +17,9 @@ from typing import Any
 
 from pipeline.client import QueryClient, QueryFailed
 from pipeline.consistency import check_topic
+from pipeline.kafka import KafkaConnectError
 from pipeline.recall import run_recall
-from pipeline.settings import Settings
+from pipeline.settings import KafkaSettings, Settings
 from schemas.queries import QueryResult
 
 
@@ -62,7 +63,7 @@ def query_client(settings: Settings, *, tenant: str, token: str, startup_timeout
     """The query client of every command (query, ask, up, the demo), on the topics of ``settings``."""
     k = settings.kafka
     return QueryClient(
-        k.bootstrap_servers,
+        k,  # bootstrap servers, TLS and SASL as configured
         queries_topic=k.queries_topic,
         replies_topic=k.replies_topic,
         tenant=tenant,
@@ -99,17 +100,21 @@ async def run_query_command(
     if token is None:  # a development token for the tenant, signed with the configured secret
         token = mint_token(settings.query, tenant=tenant, user=user, groups=groups or [])
     flt = json.loads(filter_json) if filter_json else None
-    async with query_client(settings, tenant=tenant, token=token, startup_timeout=min(wait, 30.0)) as client:
-        try:
-            result = await client.ask(
-                query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact, with_text=with_text, timeout=wait
-            )
-        except QueryFailed as exc:
-            print(f"error {exc.code.value}: {exc.reply.error.message}", file=sys.stderr)
-            return 1
-        except TimeoutError:
-            print(f"no reply within {wait:.0f} s (is a worker running on {k.bootstrap_servers}?)", file=sys.stderr)
-            return 1
+    try:
+        async with query_client(settings, tenant=tenant, token=token, startup_timeout=min(wait, 30.0)) as client:
+            try:
+                result = await client.ask(
+                    query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact, with_text=with_text, timeout=wait
+                )
+            except QueryFailed as exc:
+                print(f"error {exc.code.value}: {exc.reply.error.message}", file=sys.stderr)
+                return 1
+            except TimeoutError:
+                print(f"no reply within {wait:.0f} s (is a worker running on {k.bootstrap_servers}?)", file=sys.stderr)
+                return 1
+    except KafkaConnectError as exc:
+        print(f"cannot connect to Kafka: {exc}", file=sys.stderr)
+        return 2
     print(hits_table(result))
     print(f"\n{len(result.hits)} hits for tenant {tenant!r} in {result.took_ms:.1f} ms ({result.model})")
     return 0
@@ -233,7 +238,7 @@ def run_publish_command(
     sent = 0
     if plan.items:
         try:
-            sent = asyncio.run(_send(k.bootstrap_servers, k.documents_topic, plan.events))
+            sent = asyncio.run(_send(k, k.documents_topic, plan.events))
         except Exception as exc:  # noqa: BLE001 - any failure to deliver: say so, record nothing as published
             print(
                 f"cannot publish to Kafka at {k.bootstrap_servers} (topic {k.documents_topic!r}): {exc!r}\n"
@@ -254,20 +259,20 @@ def _first_error(exc: Any) -> str:
     return f"{err.get('input')!r}: {err['msg']}"
 
 
-async def _send(bootstrap: str, topic: str, events: Sequence[object]) -> int:
+async def _send(kafka: KafkaSettings, topic: str, events: Sequence[object]) -> int:
     """Send ``events`` and wait until the broker confirmed each one; the progress bar counts confirmations."""
     from tqdm import tqdm
 
     from pipeline.client import DocumentPublisher
 
-    pub = DocumentPublisher(bootstrap, topic, request_timeout_ms=30_000)
+    pub = DocumentPublisher(kafka, topic, request_timeout_ms=30_000)  # TLS and SASL as configured
     try:
         await pub.__aenter__()
     except BaseException:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a producer that failed to start still holds a connection
             await pub.__aexit__(None, None, None)
         raise
-    async with pub:
+    try:
         with tqdm(total=len(events), unit="doc", desc="publish", disable=None) as bar:
             futures = []
             for event in events:
@@ -276,6 +281,8 @@ async def _send(bootstrap: str, topic: str, events: Sequence[object]) -> int:
                 futures.append(fut)
             await pub.flush()
             await asyncio.gather(*futures)  # raises the first delivery error
+    finally:
+        await pub.__aexit__(None, None, None)
     return len(futures)
 
 

@@ -14,13 +14,13 @@ import faust
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
-from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from pipeline import metrics as m
 from pipeline.decode import Record, Rejected
 from pipeline.errors import BreakerOpenError, BrokerUnavailableError, ShutdownRequested
 from pipeline.ingest import IngestService
-from pipeline.settings import Settings
+from pipeline.kafka import admin_client
+from pipeline.settings import KafkaSettings, Settings
 from schemas.dead_letter import DEAD_LETTER_HEADERS as H
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def install_ingest_agent(
         except Exception:  # noqa: BLE001 - the next tick tries again; ingest is unaffected
             log.exception("building the HNSW index failed; will retry")
 
-    lag = ConsumerLagGauge(app, settings.kafka.documents_topic, app.conf.id, settings.kafka.bootstrap_servers)
+    lag = ConsumerLagGauge(app, settings.kafka.documents_topic, app.conf.id, settings.kafka)
 
     @app.timer(interval=5.0)
     async def report_lag() -> None:
@@ -166,11 +166,11 @@ class ConsumerLagGauge:
     dashboard. A failed update keeps the last values and is retried on the next tick.
     """
 
-    def __init__(self, app: faust.App, topic: str, group_id: str, bootstrap_servers: str) -> None:
+    def __init__(self, app: faust.App, topic: str, group_id: str, kafka: KafkaSettings) -> None:
         self.app = app
         self.topic = topic
         self.group_id = group_id
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = kafka
         self._admin: AIOKafkaAdminClient | None = None
         self._labelled: set[int] = set()
         self._failing = False
@@ -207,12 +207,10 @@ class ConsumerLagGauge:
     async def _committed(self, partitions: list[Any]) -> dict[Any, int]:
         """The group's committed offset (the next offset to read) of each of ``partitions`` that has one."""
         if self._admin is None:
-            admin = AIOKafkaAdminClient(
-                bootstrap_servers=self.bootstrap_servers,
+            admin = admin_client(  # TLS and SASL as configured, like every Kafka client of the worker
+                self.kafka,
                 client_id=f"{self.group_id}-lag",
                 request_timeout_ms=int(LAG_UPDATE_TIMEOUT_SECONDS * 1000),
-                # the same security settings faust's own consumer connects with
-                **credentials_to_aiokafka_auth(self.app.conf.broker_credentials, self.app.conf.ssl_context),
             )
             try:
                 await admin.start()

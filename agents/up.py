@@ -126,10 +126,12 @@ async def _probe(settings: Settings, timeout: float) -> float:  # noqa: ASYNC109
 
 async def _pending_events(settings: Settings) -> int | None:
     """Events of the documents topic the worker's group has not committed yet (None: cannot tell)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
+
+    from pipeline.kafka import consumer as kafka_consumer
 
     k = settings.kafka
-    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, group_id=k.group_id, enable_auto_commit=False)
+    consumer = kafka_consumer(k, group_id=k.group_id, enable_auto_commit=False)
     try:
         async with asyncio.timeout(10):
             await consumer.start()

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from pipeline import __version__
 from pipeline import metrics as m
 from pipeline.errors import ConfigurationError
-from pipeline.kafka import ensure_topics
+from pipeline.kafka import KafkaConnectError, check_connection, ensure_topics
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -31,6 +33,17 @@ def configure_logging(level: str) -> None:
     )
     for noisy in ("faust", "mode", "aiokafka", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def invalid_settings(exc: ValidationError) -> list[str]:
+    """One line per refused setting, named as in the settings (``store.hnsw_m``) and as its variable."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
+        variable = "VECTORSTREAM_" + "__".join(str(p).upper() for p in error["loc"] if not isinstance(p, int))
+        where = f"{path} ({variable})" if path else "settings"
+        lines.append(f"invalid setting {where}: {error['msg']}")
+    return lines
 
 
 def run_worker(
@@ -48,10 +61,33 @@ def run_worker(
     from pipeline.ingest import IngestService
     from pipeline.store import open_store
 
-    settings = settings or Settings()
+    if settings is None:
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            configure_logging("INFO")
+            for line in invalid_settings(exc):
+                log.error("refusing to start: %s", line)
+            return 2
     configure_logging(settings.log_level)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+
+    # before the model loads: a wrong password, an untrusted CA or a plaintext client on a TLS listener is
+    # one line naming the setting within seconds, not a bootstrap retry loop
+    try:
+        loop.run_until_complete(check_connection(settings.kafka))
+    except ConfigurationError as exc:
+        log.error("refusing to start: cannot connect to Kafka: %s", exc)
+        return 2
+    log.info(
+        "Kafka reachable at %s (%s%s)",
+        settings.kafka.bootstrap_servers,
+        settings.kafka.security_protocol,
+        f", SASL {settings.kafka.sasl_mechanism} as {settings.kafka.sasl_username}"
+        if settings.kafka.security_protocol.startswith("SASL_")
+        else "",
+    )
 
     embedder = Embedder(settings)
     store = open_store(settings.store)
@@ -70,7 +106,14 @@ def run_worker(
         info.dim,
         info.chunk_count,
     )
-    loop.run_until_complete(ensure_topics(settings))
+    try:
+        loop.run_until_complete(ensure_topics(settings))
+    except KafkaConnectError as exc:
+        log.error("refusing to start: cannot connect to Kafka: %s", exc)
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(store.close())
+        embedder.close()
+        return 2
 
     m.BUILD_INFO.info({"version": __version__, "model": embedder.name, "store": settings.store.backend})
     health = start_health_server(settings.metrics.host, settings.metrics.port) if settings.metrics.port else None

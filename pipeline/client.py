@@ -1,6 +1,7 @@
 """The client side of vectorstream: publish document events (and tombstones), and ask questions over Kafka.
 
-This and the broker harness are the only places in ``pipeline`` that talk to Kafka directly.
+Every client here connects through ``pipeline.kafka`` (``producer`` / ``consumer``): pass bootstrap servers
+for a plaintext cluster, or ``Settings().kafka`` (TLS, SASL) for any other.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline.decode import Record
+from pipeline.kafka import KafkaTarget, consumer, kafka_settings, producer, start_client
 from schemas.events import DocumentDelete, DocumentUpsert, document_key
 from schemas.queries import (
     CORRELATION_HEADER,
@@ -32,11 +34,17 @@ class DocumentPublisher:
     """Publishes document events keyed ``tenant_id/doc_id``, so one document's events stay in order."""
 
     def __init__(
-        self, bootstrap_servers: str, topic: str, *, max_request_size: int = 8 * 1024 * 1024, **producer_options: object
+        self,
+        bootstrap_servers: KafkaTarget,
+        topic: str,
+        *,
+        max_request_size: int = 8 * 1024 * 1024,
+        **producer_options: object,
     ) -> None:
         self.topic = topic
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
+        self._target = bootstrap_servers
+        self._producer = producer(
+            bootstrap_servers,
             acks="all",
             linger_ms=5,
             max_request_size=max_request_size,
@@ -44,7 +52,7 @@ class DocumentPublisher:
         )
 
     async def __aenter__(self) -> DocumentPublisher:
-        await self._producer.start()
+        await start_client(self._producer, self._target)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -103,7 +111,7 @@ class QueryClient:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: KafkaTarget,
         *,
         queries_topic: str = "vectorstream.queries",
         replies_topic: str = "vectorstream.replies",
@@ -117,9 +125,10 @@ class QueryClient:
         self.tenant = tenant
         self.token = token
         self.startup_timeout = startup_timeout
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=0, **client_options)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
+        self._target = bootstrap_servers
+        self._producer = producer(bootstrap_servers, linger_ms=0, **client_options)
+        self._consumer = consumer(
+            bootstrap_servers,
             group_id=None,
             enable_auto_commit=False,
             fetch_max_wait_ms=20,
@@ -131,7 +140,7 @@ class QueryClient:
         self.replies_seen: collections.Counter[str] = collections.Counter()
 
     async def __aenter__(self) -> QueryClient:
-        await self._producer.start()
+        await start_client(self._producer, self._target)
         try:
             await self._consumer.start()
             partitions = await self._reply_partitions()
@@ -287,7 +296,7 @@ class QueryClient:
 
 
 async def read_records(
-    bootstrap_servers: str,
+    bootstrap_servers: KafkaTarget,
     topic: str,
     *,
     timeout: float = 120.0,  # noqa: ASYNC109 - a deadline for reading the whole topic
@@ -299,8 +308,8 @@ async def read_records(
     by partition, each partition in offset order (what :func:`pipeline.consistency.expected_state` needs).
     Raises LookupError when the topic does not exist and TimeoutError when reading takes over ``timeout``.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+    reader = consumer(
+        bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -308,22 +317,23 @@ async def read_records(
         max_partition_fetch_bytes=16 * 1024 * 1024,
         **client_options,
     )
-    await consumer.start()
+    await start_client(reader, bootstrap_servers)
     try:
         async with asyncio.timeout(timeout):
-            if topic not in await consumer.topics():
-                raise LookupError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+            if topic not in await reader.topics():
+                where = kafka_settings(bootstrap_servers).bootstrap_servers
+                raise LookupError(f"topic {topic!r} does not exist on {where}")
             # without a group, a subscription is assigned every partition once the topic's metadata arrived
             # (partitions_for_topic would only know topics that were in the metadata when the consumer started)
-            consumer.subscribe([topic])
-            while not (partitions := sorted(consumer.assignment())):  # noqa: ASYNC110 - aiokafka has no event
+            reader.subscribe([topic])
+            while not (partitions := sorted(reader.assignment())):  # noqa: ASYNC110 - aiokafka has no event
                 await asyncio.sleep(0.05)
-            await consumer.seek_to_beginning(*partitions)
-            ends = await consumer.end_offsets(partitions)
+            await reader.seek_to_beginning(*partitions)
+            ends = await reader.end_offsets(partitions)
             by_partition: dict[int, list[Record]] = {tp.partition: [] for tp in partitions}
-            pending = {tp for tp in partitions if await consumer.position(tp) < ends[tp]}
+            pending = {tp for tp in partitions if await reader.position(tp) < ends[tp]}
             while pending:
-                batch = await consumer.getmany(*pending, timeout_ms=500)
+                batch = await reader.getmany(*pending, timeout_ms=500)
                 for tp, messages in batch.items():
                     for msg in messages:
                         if msg.offset < ends[tp]:
@@ -338,7 +348,7 @@ async def read_records(
                                     headers=tuple((k, bytes(v or b"")) for k, v in (msg.headers or ())),
                                 )
                             )
-                pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+                pending = {tp for tp in pending if await reader.position(tp) < ends[tp]}
     finally:
-        await consumer.stop()
+        await reader.stop()
     return [record for p in sorted(by_partition) for record in by_partition[p]]

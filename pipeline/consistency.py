@@ -138,7 +138,7 @@ async def check_topic(
     say = progress or (lambda _: None)
     k = settings.kafka
     say(f"reading {k.documents_topic} on {k.bootstrap_servers} from the beginning")
-    records = await read_records(k.bootstrap_servers, k.documents_topic)
+    records = await read_records(k, k.documents_topic)
     say(f"replaying {len(records)} records with the ingest rules")
     expected, events, bad = expected_state(records, chunker, settings)
     store = open_store(settings.store)

@@ -25,7 +25,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.commit import OffsetFetchRequest
 
@@ -85,7 +84,9 @@ def _group_per_offsets_partition(partitions: int) -> list[str]:
 
 async def _probe(bootstrap: str, *, offsets_partitions: int, seconds: float) -> None:
     """One readiness attempt: metadata lists a broker, and the group coordinator serves every group."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=max(1000, int(seconds * 1000)))
+    from pipeline.kafka import admin_client
+
+    admin = admin_client(bootstrap, request_timeout_ms=max(1000, int(seconds * 1000)))
     try:
         await asyncio.wait_for(admin.start(), seconds)
         cluster = await asyncio.wait_for(admin.describe_cluster(), seconds)

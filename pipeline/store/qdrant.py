@@ -132,7 +132,7 @@ class QdrantStore(VectorStore):
         self._hnsw = hnsw
         self._hnsw_ef = hnsw_ef
         self._layout = layout
-        #: a new collection's distribution over a Qdrant cluster (ignored by local mode)
+        #: every new collection's distribution over a Qdrant cluster (local mode accepts and ignores it)
         self._cluster = {
             "shard_number": shard_number,
             "replication_factor": replication_factor,
@@ -254,7 +254,6 @@ class QdrantStore(VectorStore):
                 quantization = models.ScalarQuantization(
                     scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
                 )
-            cluster = {} if self.is_local else self._cluster
             await self._create_collection(
                 self._collection,
                 vectors_config=models.VectorParams(
@@ -268,7 +267,6 @@ class QdrantStore(VectorStore):
                 ),
                 quantization_config=quantization,
                 optimizers_config=models.OptimizersConfigDiff(max_segment_size=layout.max_segment_size_kb),
-                **cluster,
             )
             existing = set()
         if self.is_local:
@@ -285,6 +283,9 @@ class QdrantStore(VectorStore):
                 await self._call(f"create index {field_name}", create)
 
     async def _create_collection(self, name: str, **config: Any) -> None:
+        """Create ``name`` with the configured sharding, replication and write consistency: the chunks and the
+        registry alike (a registry with one replica stops every worker's ingest when its node is down)."""
+        config = {**self._cluster, **config}
         try:
             await self._call(f"create {name}", lambda c: c.create_collection(name, **config))
         except (UnexpectedResponse, grpc.RpcError, ValueError) as exc:

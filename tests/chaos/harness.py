@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline.client import read_records
 from pipeline.consistency import ConsistencyReport, check_store, check_topic, expected_state
 from pipeline.decode import Record
-from pipeline.kafka import create_topics
+from pipeline.kafka import admin_client, create_topics
+from pipeline.kafka import consumer as kafka_consumer
+from pipeline.kafka import producer as kafka_producer
 from pipeline.settings import Settings
 from pipeline.store import open_store
 from schemas.dead_letter import DEAD_LETTER_HEADERS as H
@@ -175,8 +176,8 @@ class Scenario:
         self, records: Iterable[tuple[bytes | None, bytes | None]], topic: str | None = None
     ) -> list[Produced]:
         """Produce raw (key, value) records in order and return where each one landed."""
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+        producer = kafka_producer(
+            self.bootstrap,
             acks="all",
             linger_ms=5,
             max_request_size=8 * 1024 * 1024,
@@ -199,9 +200,7 @@ class Scenario:
         return [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
 
     async def end_offsets(self) -> dict[int, int]:
-        from aiokafka import AIOKafkaConsumer
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False)
+        consumer = kafka_consumer(self.bootstrap, group_id=None, enable_auto_commit=False)
         await consumer.start()
         try:
             ends = await consumer.end_offsets(self._partitions())
@@ -211,7 +210,7 @@ class Scenario:
 
     async def committed(self, group: str | None = None) -> dict[int, int]:
         """The group's committed offset per partition (0 where nothing was committed)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        admin = admin_client(self.bootstrap, request_timeout_ms=10_000)
         await admin.start()
         try:
             offsets = await admin.list_consumer_group_offsets(group or self.group, partitions=self._partitions())

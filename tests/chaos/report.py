@@ -183,6 +183,22 @@ def machine() -> str:
     )
 
 
+def qdrant_server(url: str | None = None) -> str | None:
+    """The Qdrant server the server scenarios run on (VECTORSTREAM_TEST_QDRANT_URL): its version as it
+    reports it at ``GET /``, or why it could not be asked; None when no server is configured."""
+    import urllib.request
+
+    url = (url if url is not None else os.environ.get("VECTORSTREAM_TEST_QDRANT_URL", "")).strip()
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/", timeout=5) as response:
+            info = json.loads(response.read())
+        return f"Qdrant {info.get('version', '(version not reported)')} at {url}"
+    except (OSError, ValueError) as exc:
+        return f"a Qdrant server at {url} that did not answer GET / ({exc})"
+
+
 def git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -200,6 +216,7 @@ def render(
     load: tuple[float, ...],
     slow: bool,
     commit: str,
+    server: str | None = None,
 ) -> str:
     from pipeline.settings import Settings
     from tests.support.apache_kafka import KAFKA_VERSION
@@ -222,6 +239,11 @@ def render(
         "workers: real "
         f"`vectorstream worker` processes; store: Qdrant Edge; embeddings: all-MiniLM-L6-v2 on "
         f"{Settings(_env_file=None).model.backend}",
+        (
+            f"- Qdrant server (the server scenarios, over REST): {server}"
+            if server
+            else "- Qdrant server: none (VECTORSTREAM_TEST_QDRANT_URL not set; the server scenarios are skipped)"
+        ),
         "",
         "Columns: **runs** = executions of the scenario in this report; **events** = records produced to the "
         "documents topic (or query requests); **lost** = chunks of a live document's newest version missing from "
@@ -318,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         load=load,
         slow=args.slow,
         commit=commit,
+        server=qdrant_server(),
     )
     args.output.write_text(text)
     print(f"wrote {args.output} ({len(rows)} scenario runs); pytest exit codes {codes}")

@@ -1,11 +1,15 @@
 """The vector-store contract: the same scenarios against every adapter, expecting the same answers.
 
-Adapters differ in engine (Qdrant Edge, qdrant-client local mode); callers must not be able to tell them apart.
+Adapters differ in engine (Qdrant Edge, qdrant-client local mode, a Qdrant server over REST and gRPC); callers
+must not be able to tell them apart. The server backends run when VECTORSTREAM_TEST_QDRANT_URL names a Qdrant
+server (its REST URL; gRPC on port 6334 of the same host) and are skipped otherwise; each test gets collections
+of its own there, deleted afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import socket
@@ -45,11 +49,16 @@ from pipeline.store.base import (
 from pipeline.store.edge import EdgeStore
 from pipeline.store.qdrant import QdrantStore
 
+#: a Qdrant server to run every scenario on as well (its REST URL), e.g. http://127.0.0.1:6333
+QDRANT_URL = os.environ.get("VECTORSTREAM_TEST_QDRANT_URL", "").strip()
+SERVER_BACKENDS = ("qdrant-server-rest", "qdrant-server-grpc")
 #: edge-int8: the million-chunk layout (int8 quantized copies searched, originals and graph on disk, rescored)
-BACKENDS = ("edge", "edge-int8", "qdrant-local")
+BACKENDS = ("edge", "edge-int8", "qdrant-local", *SERVER_BACKENDS)
 MODEL = "contract-model"
 DIM = 16
 HNSW = HnswParams(m=16, ef_construct=100, full_scan_threshold_kb=1)
+#: the server refuses a full-scan threshold below 10 KB (pipeline.settings.QDRANT_SERVER_LIMITS)
+SERVER_HNSW = HnswParams(m=16, ef_construct=100, full_scan_threshold_kb=10)
 SCALE_LAYOUT = VectorLayout(quantization="int8", oversampling=2.0, vectors_on_disk=True, hnsw_on_disk=True)
 
 StoreFactory = Callable[..., VectorStore]
@@ -62,13 +71,39 @@ def build_store(backend: str, root: Path, collection: str = "chunks") -> VectorS
         return EdgeStore(root / "edge-int8", collection, hnsw=HNSW, hnsw_ef=128, layout=SCALE_LAYOUT)
     if backend == "qdrant-local":
         return QdrantStore(collection, path=root / "qdrant-local", hnsw=HNSW, hnsw_ef=128)
+    if backend in SERVER_BACKENDS:
+        return QdrantStore(
+            server_collection(root, collection),
+            url=QDRANT_URL,
+            prefer_grpc=backend.endswith("grpc"),
+            timeout_seconds=10,
+            hnsw=SERVER_HNSW,
+            hnsw_ef=128,
+        )
     raise ValueError(backend)
+
+
+def server_collection(root: Path, collection: str) -> str:
+    """The test's own name for ``collection`` on the shared server: the same for every store of one test
+    (a reopen finds what the first store wrote), different for every test (tmp_path is per test)."""
+    return f"contract_{hashlib.sha1(str(root).encode()).hexdigest()[:12]}_{collection}"
 
 
 # --- fixtures: each scenario runs once per adapter, persisted in the test's tmp folder ----------------------
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(
+    params=[
+        pytest.param(
+            b,
+            marks=pytest.mark.skipif(
+                b in SERVER_BACKENDS and not QDRANT_URL,
+                reason="needs a Qdrant server: set VECTORSTREAM_TEST_QDRANT_URL",
+            ),
+        )
+        for b in BACKENDS
+    ]
+)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -86,6 +121,13 @@ async def make_store(backend: str, tmp_path: Path) -> AsyncIterator[StoreFactory
     yield make
     for store in reversed(made):
         await store.close()
+    if backend in SERVER_BACKENDS:
+        client = AsyncQdrantClient(url=QDRANT_URL, check_compatibility=False)
+        try:
+            for name in {n for s in made for n in (s._collection, s._registry)}:  # type: ignore[attr-defined]
+                await client.delete_collection(name)
+        finally:
+            await client.close()
 
 
 @pytest.fixture
@@ -234,8 +276,13 @@ async def test_dim_is_checked_even_without_the_registry(make_store: StoreFactory
     if isinstance(first, EdgeStore):
         shutil.rmtree(first.registry_path)
     else:
-        client = AsyncQdrantClient(path=str(tmp_path / "qdrant-local"))
-        await client.delete_collection("chunks__registry")
+        assert isinstance(first, QdrantStore)
+        client = (
+            AsyncQdrantClient(url=QDRANT_URL, check_compatibility=False)
+            if not first.is_local
+            else AsyncQdrantClient(path=str(tmp_path / "qdrant-local"))
+        )
+        await client.delete_collection(first._registry)
         await client.close()
     with pytest.raises(ModelMismatchError):
         await make_store().open(model=MODEL, dim=DIM * 2)
@@ -563,7 +610,9 @@ async def test_closed_store_is_unavailable(make_store: StoreFactory) -> None:
         await store.put_doc_states([DocState("t", "d", 1)])
 
 
-async def test_folder_held_by_another_store_is_unavailable(make_store: StoreFactory) -> None:
+async def test_folder_held_by_another_store_is_unavailable(make_store: StoreFactory, backend: str) -> None:
+    if backend in SERVER_BACKENDS:
+        pytest.skip("a server is shared by design: no folder to hold")
     holder = make_store()
     await holder.open(model=MODEL, dim=DIM)
     with pytest.raises(StoreUnavailableError):

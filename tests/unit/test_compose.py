@@ -209,3 +209,56 @@ def test_the_image_copies_what_the_package_needs() -> None:
 def test_the_readme_says_how_to_run_the_stack() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "docker compose up" in readme and "VECTORSTREAM_QUERY__HS256_SECRET" in readme
+
+
+#: what a secured cluster needs, as the compose file passes it through from the host
+KAFKA_SECURITY = (
+    "SECURITY_PROTOCOL",
+    "SASL_MECHANISM",
+    "SASL_USERNAME",
+    "SASL_PASSWORD",
+    "SSL_CA_FILE",
+    "SSL_CERT_FILE",
+    "SSL_KEY_FILE",
+    "SSL_KEY_PASSWORD",
+    "SSL_CHECK_HOSTNAME",
+)
+
+
+@pytest.mark.parametrize("service", WORKERS)
+def test_workers_pass_the_kafka_security_settings_through(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = environment(service)
+    for name in ("BOOTSTRAP_SERVERS", *KAFKA_SECURITY):
+        variable = f"VECTORSTREAM_KAFKA__{name}"
+        raw = (SERVICES[service].get("environment") or {})[variable]
+        assert f"${{{variable}" in raw, f"{service} does not take {variable} from the host"
+    # unset on the host: the stack's own plaintext Kafka
+    s = settings_from(env, monkeypatch)
+    assert s.kafka.security_protocol == "PLAINTEXT" and s.kafka.sasl_username is None and s.kafka.ssl_ca_file is None
+    # an MSK-style SCRAM login over TLS with a CA from the mounted folder, exactly as the host exported it
+    tls_dir = next(t for t, src in volumes(service).items() if src == "./deploy/kafka-tls")
+    host = {
+        **HOST_ENV,
+        "VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS": "b-1.example:9096,b-2.example:9096",
+        "VECTORSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "VECTORSTREAM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+        "VECTORSTREAM_KAFKA__SASL_USERNAME": "svc",
+        "VECTORSTREAM_KAFKA__SASL_PASSWORD": "pw-from-host",
+        "VECTORSTREAM_KAFKA__SSL_CA_FILE": f"{tls_dir}/ca.pem",
+    }
+    s = settings_from(environment(service, host), monkeypatch)
+    k = s.kafka
+    assert (k.bootstrap_servers, k.security_protocol, k.sasl_mechanism) == (
+        "b-1.example:9096,b-2.example:9096",
+        "SASL_SSL",
+        "SCRAM-SHA-512",
+    )
+    assert k.sasl_username == "svc" and k.sasl_password is not None
+    assert k.sasl_password.get_secret_value() == "pw-from-host"
+    assert k.ssl_ca_file == Path(tls_dir) / "ca.pem" and k.ssl_check_hostname is True
+    assert volumes(service)[tls_dir] == "./deploy/kafka-tls" and SERVICES[service]["volumes"][0].endswith(":ro")
+
+
+def test_the_tls_folder_keeps_keys_out_of_git() -> None:
+    ignore = (ROOT / "deploy/kafka-tls/.gitignore").read_text().split()
+    assert ignore[0] == "*" and "!README.md" in ignore

@@ -61,6 +61,18 @@ def _other_value(setting: settings_doc.Setting) -> tuple[str, object] | None:
     return None
 
 
+#: settings that are only valid together with others (KafkaSettings refuses TLS files without TLS, a SASL
+#: login without SASL, a key without its certificate): set beside the one under test
+_COMPANIONS = {
+    "VECTORSTREAM_KAFKA__SASL_USERNAME": {"SECURITY_PROTOCOL": "SASL_SSL", "SASL_PASSWORD": "p"},
+    "VECTORSTREAM_KAFKA__SASL_PASSWORD": {"SECURITY_PROTOCOL": "SASL_SSL", "SASL_USERNAME": "u"},
+    "VECTORSTREAM_KAFKA__SSL_CA_FILE": {"SECURITY_PROTOCOL": "SSL"},
+    "VECTORSTREAM_KAFKA__SSL_CERT_FILE": {"SECURITY_PROTOCOL": "SSL"},
+    "VECTORSTREAM_KAFKA__SSL_KEY_FILE": {"SECURITY_PROTOCOL": "SSL", "SSL_CERT_FILE": "/c.pem"},
+    "VECTORSTREAM_KAFKA__SSL_KEY_PASSWORD": {"SECURITY_PROTOCOL": "SSL"},
+}
+
+
 def test_every_variable_in_the_table_is_read_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("VECTORSTREAM_"):
@@ -71,11 +83,16 @@ def test_every_variable_in_the_table_is_read_by_settings(monkeypatch: pytest.Mon
         if other is None:
             continue
         text, expected = other
+        companions = {f"VECTORSTREAM_KAFKA__{k}": v for k, v in _COMPANIONS.get(setting.env, {}).items()}
+        for name, companion in companions.items():
+            monkeypatch.setenv(name, companion)
         monkeypatch.setenv(setting.env, text)
         try:
             value: object = Settings()
         finally:
             monkeypatch.delenv(setting.env)
+            for name in companions:
+                monkeypatch.delenv(name)
         for part in setting.path:
             value = getattr(value, part)
         if isinstance(value, SecretStr):
