@@ -9,11 +9,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pipeline.chunking import Chunker
-from pipeline.decode import Record, Rejected, decode_record
-from pipeline.ingest import resolve
+from pipeline.decode import Event, Record, Rejected, decode_record
+from pipeline.ingest import UpsertOp, doc_key_of, resolve
 from pipeline.settings import Settings
-from pipeline.store.base import CHUNK_INDEX, CONTENT_HASH, DOC, TENANT, VERSION, VectorStore
-from schemas.events import DocumentUpsert
+from pipeline.store.base import CHUNK_INDEX, CONTENT_HASH, VERSION, VectorStore
 
 DocKey = tuple[str, str]
 
@@ -60,7 +59,7 @@ def expected_state(
     Returns (expected documents, events, dead letters).
     """
     cfg = settings.ingest
-    events = []
+    events: list[tuple[Record, Event]] = []
     n = bad = 0
     for record in records:
         n += 1
@@ -71,8 +70,8 @@ def expected_state(
             events.append((record, decoded))
     expected: dict[DocKey, ExpectedDoc] = {}
     for op in resolve(events, {}):
-        ev = op.event
-        if isinstance(ev, DocumentUpsert):
+        if isinstance(op, UpsertOp):
+            ev = op.event
             chunks = chunker.split(chunker.document_text(ev.title, ev.text))
             expected[op.key] = ExpectedDoc(ev.version, tuple(c.content_hash for c in chunks))
         else:
@@ -92,7 +91,7 @@ async def check_store(
     report = ConsistencyReport(events=events, dead_letters=dead_letters)
     stored = await store.scroll(None, limit=10_000_000)
     report.stored_chunks = len(stored)
-    seen: Counter[tuple[str, str, int]] = Counter()
+    seen: Counter[tuple[DocKey, int]] = Counter()
     present: dict[DocKey, set[int]] = {}
 
     def note(kind: str, text: str) -> None:
@@ -101,9 +100,13 @@ async def check_store(
 
     for hit in stored:
         p = hit.payload
-        key = (p.get(TENANT), p.get(DOC))
+        key = doc_key_of(p)
         idx = int(p.get(CHUNK_INDEX, -1))
-        seen[(key[0], key[1], idx)] += 1
+        if key is None:
+            report.extra += 1
+            note("extra", f"point {hit.id} names no tenant and document")
+            continue
+        seen[(key, idx)] += 1
         exp = expected.get(key)
         if exp is None or idx >= len(exp.chunk_hashes) or idx < 0:
             report.extra += 1

@@ -1,16 +1,21 @@
 """Turn raw Kafka records into document events, or into a rejection that says why: errors are values.
 
-Nothing here raises for bad input; the ingest service sends rejections to the dead-letter topic.
+Each check raises the :class:`~pipeline.errors.BadRecordError` that names the fault (``DecodeError``,
+``SchemaError``, ``ContentError``: the class fixes the stage, the error the reason), and
+:func:`decode_record` turns it into a :class:`Rejected` at its boundary: nothing here raises for bad input,
+and the ingest service sends rejections to the dead-letter topic.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.errors import BadRecordError, ContentError, DecodeError, SchemaError
 from schemas.dead_letter import DeadLetterReason as R
 from schemas.dead_letter import DeadLetterStage as S
 from schemas.events import DocumentDelete, DocumentUpsert, document_event_adapter, parse_document_key
@@ -39,12 +44,20 @@ class Tombstone:
 
 @dataclass(frozen=True)
 class Rejected:
+    """Why a record can never be processed: what its dead letter says."""
+
     reason: R
     stage: S
     message: str
 
+    @classmethod
+    def of(cls, error: BadRecordError) -> Rejected:
+        return cls(error.reason, error.stage, error.message)
 
-Decoded = DocumentUpsert | DocumentDelete | Tombstone | Rejected
+
+#: what a good record decodes to
+Event = DocumentUpsert | DocumentDelete | Tombstone
+Decoded = Event | Rejected
 
 _PYDANTIC_REASONS: dict[str, R] = {
     "extra_forbidden": R.UNKNOWN_FIELD,
@@ -62,6 +75,7 @@ def _depth_exceeds(obj: Any, limit: int) -> bool:
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(node, dict):
             children = node.values()
         elif isinstance(node, list):
@@ -88,52 +102,58 @@ def _schema_reason(exc: ValidationError) -> tuple[R, str]:
 
 def decode_record(record: Record, *, max_bytes: int, max_depth: int) -> Decoded:
     """Decode one record. Never raises for bad input: returns :class:`Rejected` instead."""
+    try:
+        return _decode(record, max_bytes=max_bytes, max_depth=max_depth)
+    except BadRecordError as exc:
+        return Rejected.of(exc)
+
+
+def _decode(record: Record, *, max_bytes: int, max_depth: int) -> Event:
+    """Decode one record or raise the :class:`BadRecordError` that says why not."""
     key_text: str | None = None
     if record.key is not None:
         try:
             key_text = record.key.decode("utf-8")
         except UnicodeDecodeError:
-            return Rejected(R.BAD_KEY, S.DECODE, "record key is not valid UTF-8")
+            raise DecodeError(R.BAD_KEY, "record key is not valid UTF-8") from None
 
     if record.value is None:
         if key_text is None:
-            return Rejected(R.BAD_KEY, S.DECODE, "tombstone without a key: nothing to delete")
+            raise DecodeError(R.BAD_KEY, "tombstone without a key: nothing to delete")
         try:
             tenant_id, doc_id = parse_document_key(key_text)
         except ValueError as exc:
-            return Rejected(R.BAD_KEY, S.DECODE, f"tombstone key is not '<tenant_id>/<doc_id>': {exc}")
+            raise DecodeError(R.BAD_KEY, f"tombstone key is not '<tenant_id>/<doc_id>': {exc}") from None
         return Tombstone(tenant_id, doc_id)
 
     size = len(record.value)
     if size > max_bytes:
-        return Rejected(R.OVERSIZE, S.DECODE, f"message is {size} bytes, the limit is {max_bytes}")
+        raise DecodeError(R.OVERSIZE, f"message is {size} bytes, the limit is {max_bytes}")
     try:
         text = record.value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Rejected(R.INVALID_UTF8, S.DECODE, f"value is not valid UTF-8: {exc.reason} at byte {exc.start}")
+        raise DecodeError(R.INVALID_UTF8, f"value is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        return Rejected(R.TOO_DEEP, S.DECODE, f"JSON nests deeper than {max_depth} levels")
+        raise DecodeError(R.TOO_DEEP, f"JSON nests deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError, over-long integer literals, NaN/Infinity
-        return Rejected(R.INVALID_JSON, S.DECODE, f"value is not valid JSON: {exc}")
+        raise DecodeError(R.INVALID_JSON, f"value is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
-        return Rejected(R.NOT_AN_OBJECT, S.DECODE, f"a document event is a JSON object, got {type(obj).__name__}")
+        raise DecodeError(R.NOT_AN_OBJECT, f"a document event is a JSON object, got {type(obj).__name__}")
     if _depth_exceeds(obj, max_depth):
-        return Rejected(R.TOO_DEEP, S.DECODE, f"JSON nests deeper than {max_depth} levels")
+        raise DecodeError(R.TOO_DEEP, f"JSON nests deeper than {max_depth} levels")
 
     try:
         event = document_event_adapter.validate_python(obj)
     except ValidationError as exc:
-        reason, message = _schema_reason(exc)
-        return Rejected(reason, S.VALIDATE, message)
+        raise SchemaError(*_schema_reason(exc)) from None
 
     if key_text != event.key:
-        return Rejected(
+        raise SchemaError(
             R.KEY_MISMATCH,
-            S.VALIDATE,
             f"record key {key_text!r} does not match the event's '{event.key}' (key must be tenant_id/doc_id)",
         )
     if isinstance(event, DocumentUpsert) and not event.text.strip():
-        return Rejected(R.EMPTY_TEXT, S.CHUNK, "text is empty or whitespace: nothing to index")
+        raise ContentError(R.EMPTY_TEXT, "text is empty or whitespace: nothing to index")
     return event

@@ -1,10 +1,18 @@
 """The error taxonomy: one root class whose ``retriable`` flag decides the retry policy.
 
-Retry policy is data, not ``except`` ladders: the ingest loop retries anything retriable with backoff
-and pauses consumption; anything else is permanent and becomes a dead letter with its ``reason``.
+Retry policy is data, not ``except`` ladders: the ingest loop retries anything retriable (and anything
+unexpected) with backoff and pauses consumption; a non-retriable error stops the batch, uncommitted.
+A record that can never be processed raises a :class:`BadRecordError` where the fault is found (decoding,
+validation, chunking, embedding); that step turns it into a :class:`pipeline.decode.Rejected` value, so it
+never reaches the retry loop: the record becomes a dead letter with the error's reason and stage, and the
+rest of its batch goes on.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+from schemas.dead_letter import DeadLetterReason, DeadLetterStage
 
 
 class VectorstreamError(Exception):
@@ -28,30 +36,42 @@ class VectorstreamError(Exception):
 
 
 class BadRecordError(VectorstreamError):
-    """A record that can never be processed, whatever is retried: it belongs in the dead-letter topic."""
+    """A record that can never be processed, whatever is retried: it belongs in the dead-letter topic.
 
-    stage = "decode"
+    ``reason`` is one of the bounded dead-letter reasons; the subclass says at which stage the record failed.
+    """
+
+    retriable = False
+    stage: ClassVar[DeadLetterStage]
+    reason: DeadLetterReason
+
+    def __init__(self, reason: DeadLetterReason, message: str) -> None:
+        super().__init__(message, reason=reason)
+        self.reason = reason
 
 
 class DecodeError(BadRecordError):
-    """The bytes are not a document event: not UTF-8, not JSON, too deep, too large."""
+    """The bytes are not a document event: a bad key, not UTF-8, not JSON, not an object, too deep, too large."""
 
-    reason = "undecodable"
-    stage = "decode"
+    stage = DeadLetterStage.DECODE
 
 
 class SchemaError(BadRecordError):
-    """The JSON is well formed but breaks the document event contract."""
+    """The JSON is well formed but breaks the document event contract (or its key does not match the record's)."""
 
-    reason = "schema_violation"
-    stage = "validate"
+    stage = DeadLetterStage.VALIDATE
 
 
 class ContentError(BadRecordError):
     """The event is valid but its content cannot be indexed (e.g. nothing to embed)."""
 
-    reason = "empty_text"
-    stage = "chunk"
+    stage = DeadLetterStage.CHUNK
+
+
+class EmbeddingError(BadRecordError):
+    """The model could not embed the document's text (the rest of the batch is embedded without it)."""
+
+    stage = DeadLetterStage.EMBED
 
 
 # --- configuration: refuse to start ---------------------------------------------------------------------

@@ -5,15 +5,30 @@ exactly-once. The agent that feeds :meth:`IngestService.handle` relies on these 
 
 1. Point ids are deterministic: ``uuid5(tenant, document, chunk index)``. A replayed event overwrites
    the same points instead of adding new ones.
-2. ``handle`` returns only when every record of the batch has been applied with the store's
-   confirmation (``wait=True``) or produced to the dead-letter topic with the broker's confirmation.
+2. ``handle`` takes a batch through three steps, and returns only when the last one is done:
+
+   - **plan**: decode every record, read the registry, resolve the version rules (rule 4), chunk, and
+     reuse (rule 6) or embed every chunk to write. The result, a :class:`BatchPlan`, holds everything the
+     batch will write and every record it rejects; nothing has been written yet. A record that cannot be
+     decoded or embedded is rejected here, once.
+   - **write**: the plan's writes, in the order of rule 5, each confirmed by the store (``wait=True``),
+     under one retry policy (rule 3). Every write is idempotent, so a retry repeats the plan's writes;
+     it never plans, embeds or rejects again.
+   - **acknowledge**: once every write is confirmed, each rejected record is produced to the dead-letter
+     topic, once, with the broker's confirmation, in batch order.
+
    The caller acks (commits) the batch's offsets after ``handle`` returns, never before and never in a
-   ``finally``: an exception or a cancellation leaves the whole batch uncommitted, to be replayed.
+   ``finally``: an exception or a cancellation at any step leaves the whole batch uncommitted, to be
+   replayed (the replay finds the written documents' versions in the registry and ignores them).
 3. Transient failures (the store or the broker unreachable, timeouts, anything unexpected) are retried
    with capped exponential backoff while consumption waits (the ``vectorstream_ingest_paused`` gauge
-   is 1). They never dead-letter good data and never let an offset be committed past it.
+   is 1). They never dead-letter good data and never let an offset be committed past it. A stop
+   requested meanwhile gives the batch back uncommitted (``ShutdownRequested``).
    Permanent failures of one record (undecodable, schema violation, oversize, empty text, a text the
-   model cannot embed) dead-letter that record only; the rest of the batch is indexed.
+   model cannot embed) dead-letter that record only; the rest of the batch is indexed. When every
+   record in a row fails (``ingest.breaker_consecutive_failures``), the breaker stops consumption
+   instead (``BreakerOpenError``): a batch with good records in it is bad data, not a bad deploy, so
+   its undecodable records do not count towards that; records the model cannot embed always do.
 4. Versions only move forward. A registry (one record per document) remembers the newest version
    applied and whether it was deleted. An upsert or delete whose version is not above the stored one
    is ignored; a delete of the same version as a stored upsert wins. A tombstone (null value) deletes
@@ -35,15 +50,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
 from pipeline import metrics as m
 from pipeline.chunking import Chunk
-from pipeline.decode import Decoded, Record, Rejected, Tombstone, decode_record
+from pipeline.decode import Event, Record, Rejected, Tombstone, decode_record
 from pipeline.embedding import Embedder
-from pipeline.errors import BreakerOpenError, ShutdownRequested, VectorstreamError
+from pipeline.errors import BreakerOpenError, EmbeddingError, ShutdownRequested, VectorstreamError
 from pipeline.settings import Settings
 from pipeline.store.base import (
     ACL_GROUPS,
@@ -92,26 +107,49 @@ class BatchReport:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class _Op:
-    """The net effect of a batch on one document: write this upsert, or delete it at ``version``."""
+# --- the version rules -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpsertOp:
+    """The net effect of a batch on one document: write this version (``record`` carried it)."""
 
     key: DocKey
     record: Record
-    event: DocumentUpsert | DocumentDelete | Tombstone
-    #: the version the registry records afterwards
+    event: DocumentUpsert
+    is_delete: ClassVar[bool] = False
+
+    @property
+    def version(self) -> int:
+        return self.event.version
+
+
+@dataclass(frozen=True)
+class DeleteOp:
+    """The net effect of a batch on one document: delete it, and record it deleted at ``version``."""
+
+    key: DocKey
+    record: Record
     version: int
-    is_delete: bool
+    is_delete: ClassVar[bool] = True
 
 
-def _key_of(event: DocumentUpsert | DocumentDelete | Tombstone) -> DocKey:
+Op = UpsertOp | DeleteOp
+
+
+def _key_of(event: Event) -> DocKey:
     return (event.tenant_id, event.doc_id)
 
 
-def resolve(
-    events: Sequence[tuple[Record, DocumentUpsert | DocumentDelete | Tombstone]],
-    stored: Mapping[DocKey, DocState],
-) -> list[_Op]:
+def doc_key_of(payload: Mapping[str, Any]) -> DocKey | None:
+    """The (tenant, document) a stored chunk belongs to, or None for a point without one."""
+    tenant_id, doc_id = payload.get(TENANT), payload.get(DOC)
+    if isinstance(tenant_id, str) and isinstance(doc_id, str):
+        return (tenant_id, doc_id)
+    return None
+
+
+def resolve(events: Sequence[tuple[Record, Event]], stored: Mapping[DocKey, DocState]) -> list[Op]:
     """Apply the version rules event by event, starting from the registry's state, and return the net
     change per document (``events`` in consumption order; one document's events are in offset order).
 
@@ -122,24 +160,25 @@ def resolve(
     Documents whose state did not change get no op.
     """
     state: dict[DocKey, tuple[int | None, bool]] = {k: (s.version, s.deleted) for k, s in stored.items()}
-    ops: dict[DocKey, _Op] = {}
+    ops: dict[DocKey, Op] = {}
     for record, event in events:
         key = _key_of(event)
         version, deleted = state.get(key, (None, False))
+        op: Op
         if isinstance(event, Tombstone):
             if deleted:
                 continue
-            new = (version or 0, True)
+            op = DeleteOp(key, record, version or 0)
         elif isinstance(event, DocumentDelete):
             if version is not None and (event.version < version or (event.version == version and deleted)):
                 continue
-            new = (event.version, True)
+            op = DeleteOp(key, record, event.version)
         else:
             if version is not None and event.version <= version:
                 continue
-            new = (event.version, False)
-        state[key] = new
-        ops[key] = _Op(key, record, event, new[0], new[1])
+            op = UpsertOp(key, record, event)
+        state[key] = (op.version, op.is_delete)
+        ops[key] = op
     return list(ops.values())
 
 
@@ -160,8 +199,69 @@ def chunk_payload(event: DocumentUpsert, chunk: Chunk, model: str) -> dict:
     }
 
 
+# --- the plan of one batch ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedUpsert:
+    """One document version to write: its chunks and, index for index, their vectors."""
+
+    op: UpsertOp
+    chunks: tuple[Chunk, ...]
+    vectors: tuple[list[float], ...]
+
+    def points(self, model: str) -> list[ChunkPoint]:
+        ev = self.op.event
+        return [
+            ChunkPoint(chunk_point_id(ev.tenant_id, ev.doc_id, chunk.index), vector, chunk_payload(ev, chunk, model))
+            for chunk, vector in zip(self.chunks, self.vectors, strict=True)
+        ]
+
+    def state(self) -> DocState:
+        ev = self.op.event
+        hashes = tuple(c.content_hash for c in self.chunks)
+        return DocState(ev.tenant_id, ev.doc_id, ev.version, False, len(hashes), hashes)
+
+
+@dataclass(frozen=True)
+class RejectedRecord:
+    """A record that can never be processed, and where it sits in its batch."""
+
+    position: int
+    record: Record
+    why: Rejected
+
+
+@dataclass
+class BatchPlan:
+    """Everything one batch does, decided before anything is written (see rule 2)."""
+
+    records: int
+    #: records that decoded to a document event
+    decoded: int = 0
+    upserts: list[PlannedUpsert] = field(default_factory=list)
+    deletes: list[DeleteOp] = field(default_factory=list)
+    #: decoded events that change nothing: stale, replayed, or superseded within the batch
+    ignored: int = 0
+    #: in batch order
+    rejected: list[RejectedRecord] = field(default_factory=list)
+    chunks_embedded: int = 0
+    chunks_reused: int = 0
+
+    @property
+    def has_writes(self) -> bool:
+        return bool(self.upserts or self.deletes)
+
+    def doc_states(self) -> list[DocState]:
+        """What the registry records once the chunks are written."""
+        return [
+            *(u.state() for u in self.upserts),
+            *(DocState(op.key[0], op.key[1], op.version, True, 0, ()) for op in self.deletes),
+        ]
+
+
 class IngestService:
-    """Decodes, chunks, embeds and writes batches of document events; see the module docstring."""
+    """Plans, writes and acknowledges batches of document events; see the module docstring."""
 
     def __init__(
         self,
@@ -185,7 +285,7 @@ class IngestService:
         #: batches being applied, and when the last one finished: the index is built only when neither is recent
         self._in_flight = 0
         self._last_busy = 0.0
-        #: dead letters since the last record that was applied (the breaker's evidence)
+        #: dead letters since the last record that was applied, in batch order (the breaker's evidence)
         self.consecutive_failures = 0
         #: set when the process is asked to stop: a batch waiting in a retry loop is given back
         self.stopping = False
@@ -195,32 +295,20 @@ class IngestService:
     # --- the entry point ---------------------------------------------------------------------------------
 
     async def handle(self, records: Sequence[Record]) -> BatchReport:
-        """Apply or dead-letter every record; returns only when all are confirmed (see rule 2)."""
+        """Plan, write, then dead-letter the rejected records; returns only when all are confirmed (rule 2)."""
         self._in_flight += 1
         try:
-            return await self._handle(records)
+            report = BatchReport(records=len(records))
+            m.BATCH_EVENTS.observe(len(records))
+            plan = await self._plan(records, report)
+            if plan.has_writes:
+                await self._retrying(lambda: self._write(plan), report)
+            self._written(plan, report)
+            await self._acknowledge(plan, report)
+            return report
         finally:
             self._in_flight -= 1
             self._last_busy = time.monotonic()
-
-    async def _handle(self, records: Sequence[Record]) -> BatchReport:
-        report = BatchReport(records=len(records))
-        m.BATCH_EVENTS.observe(len(records))
-        cfg = self.settings.ingest
-        good: list[tuple[Record, DocumentUpsert | DocumentDelete | Tombstone]] = []
-        rejected: list[tuple[Record, Rejected]] = []
-        for record in records:
-            decoded: Decoded = decode_record(record, max_bytes=cfg.max_message_bytes, max_depth=cfg.max_json_depth)
-            if isinstance(decoded, Rejected):
-                rejected.append((record, decoded))
-            else:
-                good.append((record, decoded))
-        for record, why in rejected:
-            # a batch with something good in it is bad data, not a bad deploy: the breaker looks away
-            await self._dead_letter(record, why, report, check_breaker=not good)
-        if good:
-            await self._retrying(lambda: self._apply(good, report), report)
-        return report
 
     async def maybe_build_index(self, *, idle_seconds: float, max_unindexed: int) -> bool:
         """Build (extend) the HNSW index once writes went quiet, or when too much is unindexed.
@@ -243,9 +331,237 @@ class IngestService:
         log.info("HNSW index built over %d new points in %.2fs", pending, time.perf_counter() - started)
         return True
 
-    # --- retries ------------------------------------------------------------------------------------------
+    # --- plan: decide everything, write nothing --------------------------------------------------------------
+
+    async def _plan(self, records: Sequence[Record], report: BatchReport) -> BatchPlan:
+        """Decode, resolve against the registry, chunk, reuse or embed. Reads the store (each read retried,
+        like the writes, with ``report`` counting the retries) but never writes to it."""
+        cfg = self.settings.ingest
+        plan = BatchPlan(records=len(records))
+        events: list[tuple[Record, Event]] = []
+        position: dict[tuple[str, int, int], int] = {}
+        for i, record in enumerate(records):
+            decoded = decode_record(record, max_bytes=cfg.max_message_bytes, max_depth=cfg.max_json_depth)
+            if isinstance(decoded, Rejected):
+                plan.rejected.append(RejectedRecord(i, record, decoded))
+            else:
+                events.append((record, decoded))
+                position[_coordinates(record)] = i
+        plan.decoded = len(events)
+        if not events:
+            return plan
+
+        keys = list(dict.fromkeys(_key_of(ev) for _, ev in events))
+        states = await self._retrying(lambda: self.store.get_doc_states(keys), report)
+        ops = resolve(events, states)
+        plan.ignored = len(events) - len(ops)
+        plan.deletes = [op for op in ops if isinstance(op, DeleteOp)]
+        upserts = [op for op in ops if isinstance(op, UpsertOp)]
+        if not upserts:
+            return plan
+
+        chunks = {
+            op.key: tuple(self.chunker.split(self.chunker.document_text(op.event.title, op.event.text)))
+            for op in upserts
+        }
+        previous = [op for op in upserts if (s := states.get(op.key)) and not s.deleted]
+        reusable = await self._retrying(lambda: self._reusable_vectors(previous, chunks), report)
+        vectors: dict[tuple[DocKey, int], np.ndarray] = {}
+        to_embed: list[tuple[DocKey, Chunk]] = []
+        for op in upserts:
+            for chunk in chunks[op.key]:
+                vec = reusable.get((op.key, chunk.content_hash))
+                if vec is not None:
+                    vectors[(op.key, chunk.index)] = vec
+                else:
+                    to_embed.append((op.key, chunk))
+        plan.chunks_reused = len(vectors)
+        computed, failed = await self._embed(to_embed)
+        plan.chunks_embedded = len(computed)
+        vectors.update(computed)
+
+        for op in upserts:
+            error = failed.get(op.key)
+            if error is not None:
+                plan.rejected.append(RejectedRecord(position[_coordinates(op.record)], op.record, Rejected.of(error)))
+                continue
+            doc_chunks = chunks[op.key]
+            plan.upserts.append(
+                PlannedUpsert(op, doc_chunks, tuple(vectors[(op.key, c.index)].tolist() for c in doc_chunks))
+            )
+        plan.rejected.sort(key=lambda r: r.position)
+        return plan
+
+    async def _reusable_vectors(
+        self, ops: list[UpsertOp], chunks: Mapping[DocKey, tuple[Chunk, ...]]
+    ) -> dict[tuple[DocKey, str], np.ndarray]:
+        """Stored vectors of the documents' current chunks, by content hash (rule 6)."""
+        if not ops:
+            return {}
+        wanted = {op.key for op in ops}
+        flt = Filter(should=tuple(Filter(must=(Match(TENANT, t), Match(DOC, d))) for t, d in wanted))
+        stored = await self.store.scroll(flt, limit=100_000)
+        new_hashes = {(op.key, c.content_hash) for op in ops for c in chunks[op.key]}
+        by_id: dict[str, tuple[DocKey, str]] = {}
+        for hit in stored:
+            key = doc_key_of(hit.payload)
+            digest = hit.payload.get(CONTENT_HASH)
+            if key is None or not isinstance(digest, str) or hit.payload.get(MODEL) != self.embedder.name:
+                continue
+            if (key, digest) in new_hashes:
+                by_id[hit.id] = (key, digest)
+        if not by_id:
+            return {}
+        found = await self.store.get_vectors(list(by_id))
+        return {by_id[pid]: np.asarray(vec, dtype=np.float32) for pid, vec in found.items()}
+
+    async def _embed(
+        self, wanted: list[tuple[DocKey, Chunk]]
+    ) -> tuple[dict[tuple[DocKey, int], np.ndarray], dict[DocKey, EmbeddingError]]:
+        """Embed the wanted chunks; a document whose text the model cannot embed is isolated, not retried."""
+        if not wanted:
+            return {}, {}
+        texts = [c.text for _, c in wanted]
+        lengths = [c.tokens for _, c in wanted]
+        started = time.perf_counter()
+        try:
+            vecs = await self.embedder.encode(texts, lengths)
+        except Exception:  # noqa: BLE001 - find the document(s) at fault, embed the rest
+            log.exception("embedding a batch of %d chunks failed; isolating the documents at fault", len(texts))
+            return await self._embed_isolating(wanted)
+        m.EMBED_BATCH_SECONDS.observe(time.perf_counter() - started)
+        m.EMBED_TOKENS.inc(sum(lengths))
+        return {(key, c.index): vecs[j] for j, (key, c) in enumerate(wanted)}, {}
+
+    async def _embed_isolating(
+        self, wanted: list[tuple[DocKey, Chunk]]
+    ) -> tuple[dict[tuple[DocKey, int], np.ndarray], dict[DocKey, EmbeddingError]]:
+        by_doc: dict[DocKey, list[Chunk]] = {}
+        for key, chunk in wanted:
+            by_doc.setdefault(key, []).append(chunk)
+        out: dict[tuple[DocKey, int], np.ndarray] = {}
+        failed: dict[DocKey, EmbeddingError] = {}
+        for key, doc_chunks in by_doc.items():
+            try:
+                vecs = await self.embedder.encode([c.text for c in doc_chunks])
+            except Exception as exc:  # noqa: BLE001
+                message = f"the model could not embed this document: {type(exc).__name__}: {exc}"[:500]
+                failed[key] = EmbeddingError(DeadLetterReason.EMBEDDING_FAILED, message)
+                continue
+            out.update({(key, c.index): vecs[j] for j, c in enumerate(doc_chunks)})
+        return out, failed
+
+    # --- write: the plan's writes, idempotent, in the order of rule 5 ------------------------------------------
+
+    async def _write(self, plan: BatchPlan) -> None:
+        """One attempt at the plan's writes; a retry runs it again from the start, which is safe (rule 1)."""
+        model = self.embedder.name
+        points = [p for u in plan.upserts for p in u.points(model)]
+        started = time.perf_counter()
+        for i in range(0, len(points), self.upsert_batch_points):
+            await self.store.upsert_chunks(points[i : i + self.upsert_batch_points])
+        if points:
+            m.UPSERT_SECONDS.observe(time.perf_counter() - started)
+        leftovers = await self._docs_with_older_chunks(plan.upserts)
+        for u in plan.upserts:
+            if u.op.key in leftovers:
+                tenant_id, doc_id = u.op.key
+                await self.store.delete_chunks(tenant_id, doc_id, below_version=u.op.version)
+        for op in plan.deletes:
+            tenant_id, doc_id = op.key
+            await self.store.delete_chunks(tenant_id, doc_id)
+        await self.store.put_doc_states(plan.doc_states())
+
+    async def _docs_with_older_chunks(self, upserts: list[PlannedUpsert]) -> set[DocKey]:
+        """The documents that still have chunks of an older version once the new ones are written (rule 5).
+
+        One read for the batch instead of a delete per document: a delete is a confirmed, flushed write, and
+        most updates overwrite every old chunk id anyway. A truncated answer falls back to deleting for all.
+        """
+        if not upserts:
+            return set()
+        limit = 10_000
+        flt = Filter(
+            should=tuple(
+                Filter(must=(Match(TENANT, u.op.key[0]), Match(DOC, u.op.key[1]), Range(VERSION, lt=u.op.version)))
+                for u in upserts
+            )
+        )
+        hits = await self.store.scroll(flt, limit=limit)
+        if len(hits) >= limit:
+            return {u.op.key for u in upserts}
+        return {key for hit in hits if (key := doc_key_of(hit.payload)) is not None}
+
+    def _written(self, plan: BatchPlan, report: BatchReport) -> None:
+        """Count what the confirmed writes made searchable (or ignored)."""
+        points = sum(len(u.chunks) for u in plan.upserts)
+        if plan.has_writes:
+            self.unindexed_points += points
+            self.last_write = time.monotonic()
+        now = time.time()
+        applied: list[Op] = [*(u.op for u in plan.upserts), *plan.deletes]
+        for op in applied:
+            if op.record.timestamp_ms:
+                m.FRESHNESS_SECONDS.observe(max(0.0, now - op.record.timestamp_ms / 1000))
+        m.EVENTS.labels(outcome="indexed").inc(len(plan.upserts))
+        m.EVENTS.labels(outcome="deleted").inc(len(plan.deletes))
+        m.EVENTS.labels(outcome="ignored_stale").inc(plan.ignored)
+        m.CHUNKS_EMBEDDED.inc(plan.chunks_embedded)
+        m.CHUNKS_REUSED.inc(plan.chunks_reused)
+        report.indexed += len(plan.upserts)
+        report.deleted += len(plan.deletes)
+        report.ignored += plan.ignored
+        report.chunks_embedded += plan.chunks_embedded
+        report.chunks_reused += plan.chunks_reused
+
+    # --- acknowledge: dead letters, once each, after the writes ------------------------------------------------
+
+    async def _acknowledge(self, plan: BatchPlan, report: BatchReport) -> None:
+        """Dead-letter each rejected record once, walking the batch in order for the breaker's count."""
+        rejected = {r.position: r for r in plan.rejected}
+        for position in range(plan.records):
+            r = rejected.get(position)
+            if r is None:
+                self.consecutive_failures = 0  # a record that was applied (or ignored as stale)
+                continue
+            # a batch with something good in it is bad data, not a bad deploy: the breaker looks away from its
+            # undecodable records; a model that cannot embed is a deploy's fault as often as a record's
+            await self._dead_letter(r, report, check_breaker=not plan.decoded or r.why.stage is DeadLetterStage.EMBED)
+
+    async def _dead_letter(self, rejected: RejectedRecord, report: BatchReport, *, check_breaker: bool) -> None:
+        record, why = rejected.record, rejected.why
+        limit = self.settings.ingest.breaker_consecutive_failures
+        if check_breaker and limit and self.consecutive_failures >= limit:
+            m.BREAKER_OPEN.set(1)
+            raise BreakerOpenError(
+                f"{self.consecutive_failures} records in a row failed (the last: {why.reason.value}: "
+                f"{why.message}); consumption stopped instead of dead-lettering the whole topic. "
+                "Fix the producer or the deploy, then restart the worker "
+                "(or raise VECTORSTREAM_INGEST__BREAKER_CONSECUTIVE_FAILURES)."
+            )
+        await self._retrying(lambda: self.dead_letters.send(record, why), report)
+        self.consecutive_failures += 1
+        m.DEAD_LETTERS.labels(reason=why.reason.value).inc()
+        m.EVENTS.labels(outcome="dead_lettered").inc()
+        report.dead_lettered += 1
+        report.reasons[why.reason.value] = report.reasons.get(why.reason.value, 0) + 1
+        log.info(
+            "dead-lettered %s[%d]@%d: %s (%s)",
+            record.topic,
+            record.partition,
+            record.offset,
+            why.reason.value,
+            why.message,
+        )
+
+    # --- the one retry policy ------------------------------------------------------------------------------
 
     async def _retrying(self, op: Callable[[], Awaitable[T]], report: BatchReport) -> T:
+        """Run ``op`` until it succeeds, retrying transient failures with capped exponential backoff (rule 3).
+
+        Never nested: each step of a batch (a read of the plan, the plan's writes, one dead letter) is retried
+        on its own, so a failure in one step never repeats a step that already succeeded.
+        """
         cfg = self.settings.ingest
         delay = cfg.retry_initial_seconds
         try:
@@ -283,214 +599,6 @@ class IngestService:
             m.PAUSED.set(0)
             self.paused = False
 
-    async def _dead_letter(
-        self, record: Record, rejected: Rejected, report: BatchReport, *, check_breaker: bool = True
-    ) -> None:
-        limit = self.settings.ingest.breaker_consecutive_failures
-        if check_breaker and limit and self.consecutive_failures >= limit:
-            m.BREAKER_OPEN.set(1)
-            raise BreakerOpenError(
-                f"{self.consecutive_failures} records in a row failed (the last: {rejected.reason.value}: "
-                f"{rejected.message}); consumption stopped instead of dead-lettering the whole topic. "
-                "Fix the producer or the deploy, then restart the worker "
-                "(or raise VECTORSTREAM_INGEST__BREAKER_CONSECUTIVE_FAILURES)."
-            )
-        await self._retrying(lambda: self.dead_letters.send(record, rejected), report)
-        self.consecutive_failures += 1
-        m.DEAD_LETTERS.labels(reason=rejected.reason.value).inc()
-        m.EVENTS.labels(outcome="dead_lettered").inc()
-        report.dead_lettered += 1
-        report.reasons[rejected.reason.value] = report.reasons.get(rejected.reason.value, 0) + 1
-        log.info(
-            "dead-lettered %s[%d]@%d: %s (%s)",
-            record.topic,
-            record.partition,
-            record.offset,
-            rejected.reason.value,
-            rejected.message,
-        )
 
-    # --- applying a batch -----------------------------------------------------------------------------------
-
-    async def _apply(
-        self, events: Sequence[tuple[Record, DocumentUpsert | DocumentDelete | Tombstone]], report: BatchReport
-    ) -> None:
-        # a retry starts again from the same events: everything below is idempotent
-        keys = list(dict.fromkeys(_key_of(ev) for _, ev in events))
-        states = await self.store.get_doc_states(keys)
-        ops = resolve(events, states)
-        ignored = len(events) - len(ops)  # stale, replayed, or superseded within the batch
-        upserts = [op for op in ops if not op.is_delete]
-        deletes = [op for op in ops if op.is_delete]
-
-        new_states: list[DocState] = []
-        embedded = reused = 0
-        if upserts:
-            upserts, embedded, reused, rejected = await self._write_upserts(upserts, states)
-            for op, why in rejected:
-                await self._dead_letter(op.record, why, report)
-            leftovers = await self._docs_with_older_chunks(upserts)
-            for op in upserts:
-                ev = op.event
-                assert isinstance(ev, DocumentUpsert)
-                if op.key in leftovers:
-                    await self.store.delete_chunks(ev.tenant_id, ev.doc_id, below_version=ev.version)
-                hashes = tuple(c.content_hash for c in self._chunks[op.key])
-                new_states.append(DocState(ev.tenant_id, ev.doc_id, ev.version, False, len(hashes), hashes))
-        for op in deletes:
-            tenant_id, doc_id = op.key
-            await self.store.delete_chunks(tenant_id, doc_id)
-            new_states.append(DocState(tenant_id, doc_id, op.version, True, 0, ()))
-        if new_states:
-            await self.store.put_doc_states(new_states)
-
-        now = time.time()
-        for op in [*upserts, *deletes]:
-            if op.record.timestamp_ms:
-                m.FRESHNESS_SECONDS.observe(max(0.0, now - op.record.timestamp_ms / 1000))
-        m.EVENTS.labels(outcome="indexed").inc(len(upserts))
-        m.EVENTS.labels(outcome="deleted").inc(len(deletes))
-        m.EVENTS.labels(outcome="ignored_stale").inc(ignored)
-        m.CHUNKS_EMBEDDED.inc(embedded)
-        m.CHUNKS_REUSED.inc(reused)
-        if upserts or deletes or ignored:
-            self.consecutive_failures = 0
-        report.indexed += len(upserts)
-        report.deleted += len(deletes)
-        report.ignored += ignored
-        report.chunks_embedded += embedded
-        report.chunks_reused += reused
-
-    async def _write_upserts(
-        self, ops: list[_Op], states: dict[DocKey, DocState]
-    ) -> tuple[list[_Op], int, int, list[tuple[_Op, Rejected]]]:
-        """Chunk, reuse or embed, and upsert the chunks of every op; returns the ops written."""
-        self._chunks: dict[DocKey, list[Chunk]] = {}
-        for op in ops:
-            ev = op.event
-            assert isinstance(ev, DocumentUpsert)
-            self._chunks[op.key] = self.chunker.split(self.chunker.document_text(ev.title, ev.text))
-
-        reusable = await self._reusable_vectors([op for op in ops if (s := states.get(op.key)) and not s.deleted])
-        to_embed: list[tuple[DocKey, int]] = []
-        vectors: dict[tuple[DocKey, int], np.ndarray] = {}
-        for op in ops:
-            for chunk in self._chunks[op.key]:
-                vec = reusable.get((op.key, chunk.content_hash))
-                if vec is not None:
-                    vectors[(op.key, chunk.index)] = vec
-                else:
-                    to_embed.append((op.key, chunk.index))
-        reused = len(vectors)
-
-        rejected: list[tuple[_Op, Rejected]] = []
-        if to_embed:
-            computed, failed_keys = await self._embed(to_embed)
-            vectors.update(computed)
-            if failed_keys:
-                kept = []
-                for op in ops:
-                    if op.key in failed_keys:
-                        rejected.append(
-                            (
-                                op,
-                                Rejected(DeadLetterReason.EMBEDDING_FAILED, DeadLetterStage.EMBED, failed_keys[op.key]),
-                            )
-                        )
-                    else:
-                        kept.append(op)
-                ops = kept
-
-        points: list[ChunkPoint] = []
-        model = self.embedder.name
-        for op in ops:
-            ev = op.event
-            assert isinstance(ev, DocumentUpsert)
-            for chunk in self._chunks[op.key]:
-                points.append(
-                    ChunkPoint(
-                        chunk_point_id(ev.tenant_id, ev.doc_id, chunk.index),
-                        vectors[(op.key, chunk.index)].tolist(),
-                        chunk_payload(ev, chunk, model),
-                    )
-                )
-        started = time.perf_counter()
-        for i in range(0, len(points), self.upsert_batch_points):
-            await self.store.upsert_chunks(points[i : i + self.upsert_batch_points])
-        m.UPSERT_SECONDS.observe(time.perf_counter() - started)
-        self.unindexed_points += len(points)
-        self.last_write = time.monotonic()
-        return ops, len(vectors) - reused, reused, rejected
-
-    async def _docs_with_older_chunks(self, ops: list[_Op]) -> set[DocKey]:
-        """The documents that still have chunks of an older version once the new ones are written (rule 5).
-
-        One read for the batch instead of a delete per document: a delete is a confirmed, flushed write, and
-        most updates overwrite every old chunk id anyway. A truncated answer falls back to deleting for all.
-        """
-        if not ops:
-            return set()
-        limit = 10_000
-        flt = Filter(
-            should=tuple(
-                Filter(must=(Match(TENANT, op.key[0]), Match(DOC, op.key[1]), Range(VERSION, lt=op.version)))
-                for op in ops
-            )
-        )
-        hits = await self.store.scroll(flt, limit=limit)
-        if len(hits) >= limit:
-            return {op.key for op in ops}
-        return {(hit.payload.get(TENANT), hit.payload.get(DOC)) for hit in hits}
-
-    async def _reusable_vectors(self, ops: list[_Op]) -> dict[tuple[DocKey, str], np.ndarray]:
-        """Stored vectors of the documents' current chunks, by content hash (rule 6)."""
-        if not ops:
-            return {}
-        wanted = {op.key for op in ops}
-        flt = Filter(should=tuple(Filter(must=(Match(TENANT, t), Match(DOC, d))) for t, d in wanted))
-        stored = await self.store.scroll(flt, limit=100_000)
-        by_id: dict[str, tuple[DocKey, str]] = {}
-        for hit in stored:
-            key = (hit.payload.get(TENANT), hit.payload.get(DOC))
-            digest = hit.payload.get(CONTENT_HASH)
-            if key in wanted and digest and hit.payload.get(MODEL) == self.embedder.name:
-                by_id[hit.id] = (key, digest)
-        new_hashes = {(op.key, c.content_hash) for op in ops for c in self._chunks[op.key]}
-        by_id = {pid: kh for pid, kh in by_id.items() if kh in new_hashes}
-        if not by_id:
-            return {}
-        found = await self.store.get_vectors(list(by_id))
-        return {by_id[pid]: np.asarray(vec, dtype=np.float32) for pid, vec in found.items()}
-
-    async def _embed(
-        self, wanted: list[tuple[DocKey, int]]
-    ) -> tuple[dict[tuple[DocKey, int], np.ndarray], dict[DocKey, str]]:
-        """Embed the wanted chunks; a document whose text the model cannot embed is isolated, not retried."""
-        texts = [self._chunks[k][i].text for k, i in wanted]
-        lengths = [self._chunks[k][i].tokens for k, i in wanted]
-        started = time.perf_counter()
-        try:
-            vecs = await self.embedder.encode(texts, lengths)
-        except Exception:  # noqa: BLE001 - find the document(s) at fault, embed the rest
-            log.exception("embedding a batch of %d chunks failed; isolating the documents at fault", len(texts))
-            return await self._embed_isolating(wanted)
-        m.EMBED_BATCH_SECONDS.observe(time.perf_counter() - started)
-        m.EMBED_TOKENS.inc(sum(lengths))
-        return {w: vecs[j] for j, w in enumerate(wanted)}, {}
-
-    async def _embed_isolating(
-        self, wanted: list[tuple[DocKey, int]]
-    ) -> tuple[dict[tuple[DocKey, int], np.ndarray], dict[DocKey, str]]:
-        by_doc: dict[DocKey, list[int]] = {}
-        for k, i in wanted:
-            by_doc.setdefault(k, []).append(i)
-        out: dict[tuple[DocKey, int], np.ndarray] = {}
-        failed: dict[DocKey, str] = {}
-        for key, idxs in by_doc.items():
-            try:
-                vecs = await self.embedder.encode([self._chunks[key][i].text for i in idxs])
-            except Exception as exc:  # noqa: BLE001
-                failed[key] = f"the model could not embed this document: {type(exc).__name__}: {exc}"[:500]
-                continue
-            out.update({(key, i): vecs[j] for j, i in enumerate(idxs)})
-        return out, failed
+def _coordinates(record: Record) -> tuple[str, int, int]:
+    return (record.topic, record.partition, record.offset)

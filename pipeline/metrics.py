@@ -89,9 +89,9 @@ def _export_known_label_values() -> None:
         EVENTS.labels(outcome=outcome)
     for reason in DeadLetterReason:
         DEAD_LETTERS.labels(reason=reason.value)
-    transient = [TransientError, *TransientError.__subclasses__()]
-    for reason in sorted({cls.reason for cls in transient} | {"unexpected"}):
-        RETRIES.labels(reason=reason)
+    transient: list[type[TransientError]] = [TransientError, *TransientError.__subclasses__()]
+    for retry_reason in sorted({cls.reason for cls in transient} | {"unexpected"}):
+        RETRIES.labels(reason=retry_reason)
     for outcome in ("ok", "error"):
         QUERY_SECONDS.labels(outcome=outcome)
     for code in ErrorCode:

@@ -230,3 +230,117 @@ async def test_breaker_ignores_bad_records_mixed_with_good_ones(settings, store,
         report = await svc.handle(batch)
         assert report.dead_lettered == 5 and report.indexed == 1
     assert svc.consecutive_failures == 0
+
+
+class PoisonedEmbedder:
+    """Delegates to the real embedder, but cannot embed any text containing ``poison`` (a model that chokes on
+    one document's content: a permanent, per-record failure)."""
+
+    def __init__(self, inner, poison):
+        self.inner = inner
+        self.poison = poison
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def encode(self, texts, lengths=None):
+        if any(self.poison in t for t in texts):
+            raise ValueError("the model cannot embed this text")
+        return await self.inner.encode(texts, lengths)
+
+
+async def test_a_record_that_fails_to_embed_is_dead_lettered_once_when_the_write_is_retried(settings, store, embedder):
+    # regression: the dead letter was produced inside the write's retry loop, so a transient registry failure
+    # after it replayed the batch and dead-lettered the same record a second time (dead_lettered == 2)
+    async def no_sleep(_):
+        return None
+
+    svc = IngestService(settings, store, PoisonedEmbedder(embedder, "POISON"), RecordingDeadLetters(), sleep=no_sleep)
+    store.fail["put_doc_states"] = (StoreUnavailableError, 1)
+    bad = rec(up("bad", 1, "this text is POISON to the model"))
+    report = await svc.handle([rec(up("good", 1, "a document the model embeds")), bad])
+    assert report.retries == 1
+    assert report.dead_lettered == 1 and report.reasons == {R.EMBEDDING_FAILED.value: 1}
+    assert [(r.offset, why.reason) for r, why in svc.dead_letters.sent] == [(bad.offset, R.EMBEDDING_FAILED)]
+    assert report.indexed == 1
+    assert [h.payload["text"] for h in await chunks_of(store, "good")] == ["a document the model embeds"]
+    assert await chunks_of(store, "bad") == []
+    states = await store.get_doc_states([("acme", "good"), ("acme", "bad")])
+    assert set(states) == {("acme", "good")}, "the registry records the written document, not the rejected one"
+
+
+class CountingEmbedder:
+    """Delegates to the real embedder and counts the texts it was asked to embed."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.texts = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def encode(self, texts, lengths=None):
+        self.texts += len(texts)
+        return await self.inner.encode(texts, lengths)
+
+
+async def test_a_retried_write_repeats_the_writes_not_the_embedding(settings, store, embedder):
+    async def no_sleep(_):
+        return None
+
+    counting = CountingEmbedder(embedder)
+    svc = IngestService(settings, store, counting, RecordingDeadLetters(), sleep=no_sleep)
+    store.fail["put_doc_states"] = (StoreUnavailableError, 2)
+    report = await svc.handle([rec(up("d", 1, long_text("retried", 40)))])
+    n = len(await chunks_of(store, "d"))
+    assert report.retries == 2 and report.indexed == 1 and n > 1
+    assert counting.texts == report.chunks_embedded == n, "each chunk embedded once, whatever the retries"
+    assert store.calls["upsert_chunks"] == 3, "the writes are repeated from the plan"
+
+
+async def test_a_transient_registry_read_failure_is_retried(service, store):
+    store.fail["get_doc_states"] = (StoreUnavailableError, 2)
+    report = await service.handle([rec(up("d", 1, "hello"))])
+    assert report.retries == 2 and report.indexed == 1 and report.dead_lettered == 0
+    assert [h.payload["text"] for h in await chunks_of(store, "d")] == ["hello"]
+
+
+async def test_stopping_while_the_write_waits_dead_letters_nothing_and_gives_the_batch_back(settings, store, embedder):
+    from pipeline.errors import ShutdownRequested
+
+    svc = None
+
+    async def stop_while_waiting(_):
+        svc.stopping = True
+
+    svc = IngestService(
+        settings, store, PoisonedEmbedder(embedder, "POISON"), RecordingDeadLetters(), sleep=stop_while_waiting
+    )
+    store.fail["put_doc_states"] = (StoreUnavailableError, 10**6)
+    batch = [
+        rec(up("good", 1, "fine text")),
+        rec(up("bad", 1, "POISON text")),
+        rec(key=b"acme/x", value=b"junk", raw=True),
+    ]
+    with pytest.raises(ShutdownRequested):
+        await svc.handle(batch)
+    assert svc.dead_letters.sent == [], "no dead letter before the batch's writes are confirmed"
+    assert not svc.paused
+    # the replay, once the store is back, writes the good record and dead-letters each bad one once
+    store.fail.clear()
+    replay = IngestService(settings, store, PoisonedEmbedder(embedder, "POISON"), RecordingDeadLetters())
+    report = await replay.handle(batch)
+    assert report.indexed == 1 and report.dead_lettered == 2
+    assert [r.offset for r, _ in replay.dead_letters.sent] == [batch[1].offset, batch[2].offset]
+
+
+async def test_breaker_stops_a_model_that_embeds_nothing(settings, store, embedder):
+    from pipeline.errors import BreakerOpenError
+
+    s = settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"breaker_consecutive_failures": 3})})
+    svc = IngestService(s, store, PoisonedEmbedder(embedder, " "), RecordingDeadLetters())
+    batch = [rec(up(f"d{i}", 1, f"document number {i}")) for i in range(6)]
+    with pytest.raises(BreakerOpenError, match="3 records in a row failed"):
+        await svc.handle(batch)
+    assert [why.reason for _, why in svc.dead_letters.sent] == [R.EMBEDDING_FAILED] * 3
+    assert await store.count() == 0

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from pipeline.decode import Record, Rejected, Tombstone, decode_record
+from pipeline.errors import EmbeddingError, SchemaError
 from schemas.dead_letter import DeadLetterReason as R
+from schemas.dead_letter import DeadLetterStage as S
 from schemas.events import DocumentDelete, DocumentUpsert
 
 GOOD = {"type": "upsert", "tenant_id": "acme", "doc_id": "d1", "version": 1, "text": "hello"}
@@ -90,3 +92,33 @@ def test_rejection_names_the_field():
 def test_nesting_deeper_than_the_parser_can_recurse_is_too_deep_not_a_crash():
     out = dec(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", max_bytes=1_000_000)
     assert isinstance(out, Rejected) and out.reason == R.TOO_DEEP
+
+
+_STAGE_OF = {
+    **dict.fromkeys([R.OVERSIZE, R.INVALID_UTF8, R.INVALID_JSON, R.TOO_DEEP, R.NOT_AN_OBJECT, R.BAD_KEY], S.DECODE),
+    **dict.fromkeys(
+        [
+            R.UNKNOWN_EVENT_TYPE,
+            R.UNKNOWN_FIELD,
+            R.MISSING_FIELD,
+            R.WRONG_TYPE,
+            R.INVALID_VALUE,
+            R.KEY_MISMATCH,
+        ],
+        S.VALIDATE,
+    ),
+    R.EMPTY_TEXT: S.CHUNK,
+}
+
+
+@pytest.mark.parametrize(("value", "key", "reason"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_record_is_rejected_at_the_stage_its_fault_belongs_to(value, key, reason):
+    # the dead letter's vs-stage header: bytes and keys at decode, the event contract at validate, content at chunk
+    assert dec(value, key=key).stage == _STAGE_OF[reason]
+
+
+def test_rejected_is_made_from_the_error_that_names_the_fault():
+    err = SchemaError(R.KEY_MISMATCH, "record key 'a/b' does not match")
+    assert not err.retriable and err.reason == R.KEY_MISMATCH
+    assert Rejected.of(err) == Rejected(R.KEY_MISMATCH, S.VALIDATE, "record key 'a/b' does not match")
+    assert Rejected.of(EmbeddingError(R.EMBEDDING_FAILED, "x")).stage == S.EMBED
