@@ -112,8 +112,21 @@ async def _publish(bootstrap: str, topic: str, docs: list[Doc], tenant: str) -> 
         await pub.publish_many(events)
 
 
-def start_worker(bootstrap: str, store_path: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> Any:
-    """A real ``vectorstream worker`` subprocess on its own topic, group and store folder."""
+def worker_module(tree: Path) -> str:
+    """The module whose ``worker`` command starts the worker in the source tree ``tree`` (it moved once)."""
+    return "agents.cli" if (tree / "agents" / "cli.py").is_file() else "pipeline.cli"
+
+
+def start_worker(
+    bootstrap: str,
+    store_path: Path,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+    tree: Path | None = None,
+) -> Any:
+    """A real ``vectorstream worker`` subprocess on its own topic, group and store folder.
+
+    ``tree``: run the worker of another checkout (e.g. the commit before a change) instead of this one."""
     from pipeline.kafka import create_topics
     from tests.integration.workers import WorkerProcess
 
@@ -126,6 +139,7 @@ def start_worker(bootstrap: str, store_path: Path, log_path: Path, extra_env: di
         group=f"bench-{run}",
         log_path=log_path,
         extra_env=extra_env,
+        **({"module": worker_module(tree), "cwd": tree} if tree is not None else {}),
     )
     worker.topic = f"bench.documents.{run}"
     asyncio.run(create_topics(bootstrap, {worker.topic: 3, f"bench.documents.dlq.{run}": 3}))
@@ -145,9 +159,10 @@ def measure_end_to_end(
     *,
     tenant: str = "bench",
     store_path: Path | None = None,
+    tree: Path | None = None,
 ) -> tuple[Measured, dict[str, Any]]:
     """Wall time from the first event published to the worker's metrics showing every event processed."""
-    worker = start_worker(bootstrap, store_path or scratch / "edge", scratch / "worker.log", extra_env)
+    worker = start_worker(bootstrap, store_path or scratch / "edge", scratch / "worker.log", extra_env, tree)
     try:
         say("worker starting; warming it up with one document")
         asyncio.run(_publish(bootstrap, worker.topic, docs[:1], tenant=f"warmup-{tenant}"))
@@ -197,7 +212,19 @@ def measure_end_to_end(
         worker.terminate()
 
 
-def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
+def _commit_of(tree: Path) -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def run(
+    docs_n: int = DEFAULT_DOCS, write: bool = True, baseline: Path | None = None, rounds: int = 2
+) -> dict[str, Any]:
+    """Plain loop, embedder alone and end to end; with ``baseline`` (another checkout, e.g. the commit before a
+    change) also that tree's worker end to end, alternating with this one ``rounds`` times in the same run, so
+    the ratio of the two is measured under the same load."""
     offline()
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
@@ -223,7 +250,21 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
         say("measuring a plain SentenceTransformer.encode loop")
         plain = measure_plain_loop(settings.model_path, texts)
         say("measuring end to end through Kafka")
-        e2e, detail = measure_end_to_end(broker.bootstrap_servers, docs, scratch, len(texts))
+        e2e, detail = measure_end_to_end(broker.bootstrap_servers, docs, scratch / "e2e-0", len(texts))
+        this_runs, base_runs = [e2e], []
+        if baseline is not None:
+            for i in range(rounds):
+                say(f"round {i + 1}/{rounds}: end to end with the baseline worker of {baseline}")
+                base_runs.append(
+                    measure_end_to_end(
+                        broker.bootstrap_servers, docs, scratch / f"base-{i}", len(texts), tree=baseline
+                    )[0]
+                )
+                if i + 1 < rounds:
+                    say(f"round {i + 1}/{rounds}: end to end with this tree's worker")
+                    this_runs.append(
+                        measure_end_to_end(broker.bootstrap_servers, docs, scratch / f"e2e-{i + 1}", len(texts))[0]
+                    )
     finally:
         broker.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -251,6 +292,22 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
     print(results_table)
     print()
     print(targets_table)
+    baseline_table = ""
+    if base_runs:
+        base_commit = _commit_of(baseline) if baseline is not None else "?"
+        best_this, best_base = max(r.rate for r in this_runs), max(r.rate for r in base_runs)
+        order = [("this tree", r) for r in this_runs[:1]]
+        for i, r in enumerate(base_runs):
+            order.append((f"baseline {base_commit}", r))
+            if i + 1 < len(this_runs):
+                order.append(("this tree", this_runs[i + 1]))
+        baseline_table = table(
+            ["run (in order)", "chunks", "seconds", "chunks/s"],
+            [[name, r.chunks, round(r.seconds, 2), round(r.rate, 1)] for name, r in order]
+            + [["best of this tree / best of baseline", "", "", f"{best_this / best_base:.2f}x"]],
+        )
+        print()
+        print(baseline_table)
     data = {
         "docs": len(docs),
         "chunks": len(texts),
@@ -263,6 +320,14 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
         "ratios": {"e2e_vs_plain": e2e.rate / plain.rate, "e2e_vs_embedder": e2e.rate / alone.rate},
         "load_average": os.getloadavg(),
     }
+    if base_runs:
+        data["baseline"] = {
+            "tree": str(baseline),
+            "commit": _commit_of(baseline) if baseline is not None else None,
+            "this_tree_chunks_per_second": [r.rate for r in this_runs],
+            "baseline_chunks_per_second": [r.rate for r in base_runs],
+            "best_ratio": max(r.rate for r in this_runs) / max(r.rate for r in base_runs),
+        }
     if write:
         method = (
             f"{len(docs)} scifact abstracts (title and text) -> {len(texts)} chunks of "
@@ -279,7 +344,9 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
         path = write_results(
             "ingest_throughput",
             title="Ingest throughput: end to end vs embedding alone",
-            sections=[("Results", results_table), ("Targets", targets_table), ("Method", method)],
+            sections=[("Results", results_table), ("Targets", targets_table)]
+            + ([("Against a baseline worker, same run", baseline_table)] if baseline_table else [])
+            + [("Method", method)],
             data=data,
             machine=machine,
         )
@@ -290,8 +357,14 @@ def run(docs_n: int = DEFAULT_DOCS, write: bool = True) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--docs", type=int, default=DEFAULT_DOCS, help="scifact documents (default %(default)s)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/base REV`) whose worker runs end to end in the same run",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="baseline/this-tree alternations (default %(default)s)")
     args = parser.parse_args(argv)
-    run(args.docs)
+    run(args.docs, baseline=args.baseline, rounds=args.rounds)
     return 0
 
 

@@ -34,14 +34,17 @@ class WorkerProcess:
         log_path: Path,
         extra_env: dict[str, str] | None = None,
         module: str = "agents.cli",
+        cwd: Path | None = None,
     ) -> None:
+        #: the source tree the worker runs from (``python -m`` imports from it): this one, or another checkout
+        self.cwd = cwd or ROOT
         #: ``python -m <module> worker``: the product's command, or a test-side entry point around it
         self.module = module
         self.metrics_port = free_port()
         self.log_path = log_path
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(self.cwd),
             "VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
             "VECTORSTREAM_KAFKA__DOCUMENTS_TOPIC": topic,
             "VECTORSTREAM_KAFKA__DEAD_LETTER_TOPIC": dlq,
@@ -66,7 +69,7 @@ class WorkerProcess:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=self.cwd,
         )
         log.close()
         return self
