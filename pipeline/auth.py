@@ -91,14 +91,14 @@ def accepted_keys(settings: QuerySettings) -> dict[str, Any]:
         public, algorithms = _public_key_algorithms(_read_key(settings.public_key))
         for alg in algorithms:
             keys[alg] = public
-    if settings.algorithms:
-        missing = [alg for alg in settings.algorithms if alg not in keys]
+    if settings.algorithm_list:
+        missing = [alg for alg in settings.algorithm_list if alg not in keys]
         if missing:
             raise ConfigurationError(
                 f"query.algorithms lists {missing} but no key for them is configured "
                 "(HS256 needs query.hs256_secret, RS*/PS* an RSA query.public_key, ES* an EC one)"
             )
-        keys = {alg: keys[alg] for alg in settings.algorithms}
+        keys = {alg: keys[alg] for alg in settings.algorithm_list}
     if not keys:
         raise ConfigurationError(
             "no key verifies query tokens: set query.public_key or query.hs256_secret (or query.dev_mode on a laptop)"

@@ -174,9 +174,9 @@ class QuerySettings(BaseModel):
     #: development mode, never in production: without hs256_secret, tokens are signed and checked with the
     #: development secret printed in the source (DEV_HS256_SECRET); without it a worker refuses that secret
     dev_mode: bool = False
-    #: the token algorithms accepted, e.g. ["RS256"]; empty: HS256 when a secret is set, plus the algorithms
-    #: of the public key's type (RS*/PS* for RSA, ES* for EC). Each one listed needs its key configured
-    algorithms: list[str] = []
+    #: the token algorithms accepted, comma-separated (e.g. "RS256"); empty: HS256 when a secret is set, plus
+    #: the algorithms of the public key's type (RS*/PS* for RSA, ES* for EC). Each one listed needs its key
+    algorithms: str = ""
     #: the longest lifetime a token may have (``exp`` - ``iat``, or ``exp`` - now without ``iat``)
     max_token_lifetime_seconds: int = Field(default=24 * 3600, ge=60)
     #: the ``iss`` and ``aud`` a token must carry
@@ -222,6 +222,10 @@ class QuerySettings(BaseModel):
         if self.dev_token_ttl_seconds > self.max_token_lifetime_seconds:
             raise ValueError("query.dev_token_ttl_seconds must not exceed query.max_token_lifetime_seconds")
         return self
+
+    @property
+    def algorithm_list(self) -> list[str]:
+        return [a.strip() for a in self.algorithms.split(",") if a.strip()]
 
     def hs256_key(self) -> str:
         """The HS256 secret in effect: the configured one, else the development secret in dev_mode, else ""."""
