@@ -66,4 +66,7 @@ def make_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),
         stream_buffer_maxsize=max(settings.ingest.max_batch_events * 4, 1024),
         producer_acks=-1,
+        # faust's default (1,200 s) is also aiokafka's wait for a topic's metadata: a reply to a missing topic
+        # could stall the producer for 20 minutes. A few seconds bound every produce and metadata wait.
+        producer_request_timeout=k.producer_request_timeout_seconds,
     )

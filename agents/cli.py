@@ -95,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--no-text", action="store_true", help="titles only, no chunk text")
     query.add_argument("--timeout", type=float, default=30.0)
 
-    token = sub.add_parser("token", help="mint a development query token (HS256 with the configured secret)")
+    token = sub.add_parser(
+        "token",
+        help=(
+            "mint a query token: HS256 with the configured secret (else the development secret, which only a "
+            "worker in query.dev_mode accepts), or RS256 with --private-key"
+        ),
+    )
     token.add_argument("--tenant", required=True)
     token.add_argument("--user", required=True)
     token.add_argument("--group", action="append", help="a group of the user (repeatable)")
@@ -180,19 +186,25 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if args.command == "token":
+        from agents.commands import dev_token
         from pipeline.auth import mint_token
         from pipeline.settings import Settings
 
-        print(
-            mint_token(
-                Settings().query,
+        settings = Settings()
+        if args.private_key:
+            minted = mint_token(
+                settings.query,
                 tenant=args.tenant,
                 user=args.user,
                 groups=args.group or [],
                 ttl_seconds=args.ttl,
                 private_key=args.private_key,
             )
-        )
+        else:
+            minted = dev_token(
+                settings, tenant=args.tenant, user=args.user, groups=args.group or [], ttl_seconds=args.ttl
+            )
+        print(minted)
         return 0
     if args.command == "recall":
         from agents.commands import run_recall_command as recall_main

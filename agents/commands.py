@@ -59,6 +59,20 @@ def hits_table(result: QueryResult, *, width: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def dev_token(
+    settings: Settings, *, tenant: str, user: str, groups: Sequence[str] = (), ttl_seconds: float | None = None
+) -> str:
+    """A development token for the commands that ask (query, ask, up's probe, token): signed with the configured
+    HS256 secret, or with the development secret when none is configured. Minting it is harmless: a worker
+    accepts the development secret only with ``query.dev_mode`` on (``vectorstream up`` and the demo)."""
+    from pipeline.auth import mint_token
+
+    query = settings.query
+    if not query.hs256_key():
+        query = query.model_copy(update={"dev_mode": True})
+    return mint_token(query, tenant=tenant, user=user, groups=list(groups), ttl_seconds=ttl_seconds)
+
+
 def query_client(settings: Settings, *, tenant: str, token: str, startup_timeout: float = 30.0) -> QueryClient:
     """The query client of every command (query, ask, up, the demo), on the topics of ``settings``."""
     k = settings.kafka
@@ -93,12 +107,10 @@ async def run_query_command(
     """``vectorstream query``: ask one question over Kafka and print the hits as a table."""
     import json
 
-    from pipeline.auth import mint_token
-
     settings = Settings()
     k = settings.kafka
     if token is None:  # a development token for the tenant, signed with the configured secret
-        token = mint_token(settings.query, tenant=tenant, user=user, groups=groups or [])
+        token = dev_token(settings, tenant=tenant, user=user, groups=groups or [])
     flt = json.loads(filter_json) if filter_json else None
     try:
         async with query_client(settings, tenant=tenant, token=token, startup_timeout=min(wait, 30.0)) as client:
@@ -304,12 +316,11 @@ def run_ask_command(
 
     With ``questions`` it asks those and exits (1 if any got no answer); without, it prompts (when stdin is a
     terminal) or reads one question per line from stdin, until end of input, ``exit`` or Ctrl-C."""
-    from pipeline.auth import mint_token
 
     _quiet_kafka_client_logs()
     settings = settings or Settings()
     k = settings.kafka
-    token = mint_token(settings.query, tenant=tenant, user=user, groups=list(groups))
+    token = dev_token(settings, tenant=tenant, user=user, groups=list(groups))
     interactive = not questions and sys.stdin.isatty()
     # one loop, run only while a question is out: the prompt's input() blocks this thread between questions
     # (so Ctrl-C there is a plain KeyboardInterrupt), and aiokafka clients must be made inside their loop

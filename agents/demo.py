@@ -212,6 +212,8 @@ def run_demo(data_dir: str, tenant: str, sources: list[str] | None = None, verbo
             "VECTORSTREAM_STORE__PATH": str(data / "qdrant-edge"),
             "VECTORSTREAM_METRICS__PORT": str(metrics_port),
             "VECTORSTREAM_METRICS__HOST": "127.0.0.1",
+            # a laptop demo: query tokens are signed with the development secret (never outside a laptop)
+            "VECTORSTREAM_QUERY__DEV_MODE": "true",
         }
         log_path = data / "worker.log"
         print(f"broker: Tansu at {broker.bootstrap_servers}; worker log: {log_path}")
@@ -289,7 +291,9 @@ async def _ask(bootstrap: str, settings: Any, tenant: str, questions: tuple[str,
     from pipeline.client import QueryFailed
 
     k = settings.kafka
-    token = mint_token(settings.query, tenant=tenant, user="demo-user", groups=["ops"])
+    # the demo's worker runs in dev mode: sign with the secret it checks (a configured one wins over dev mode)
+    query = settings.query.model_copy(update={"dev_mode": True})
+    token = mint_token(query, tenant=tenant, user="demo-user", groups=["ops"])
     print(
         f"\nasking {len(questions)} questions through topic {k.queries_topic!r} "
         f"as user 'demo-user' (group 'ops') of tenant {tenant!r}"

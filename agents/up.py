@@ -79,8 +79,9 @@ def worker_env(settings: Settings, data: Path, metrics_port: int) -> dict[str, s
         "VECTORSTREAM_DATA_DIR": str(data),
         "VECTORSTREAM_METRICS__PORT": str(metrics_port),
         "VECTORSTREAM_METRICS__HOST": "127.0.0.1",
-        # `up` is a development mode: tokens are minted with the development HS256 secret. When the query
-        # settings grow a switch that must be on for that secret to be accepted, it is set here.
+        # `up` is a development mode: its worker accepts tokens signed with the development HS256 secret,
+        # which `ask`, `query` and `token` mint when no secret or key is configured
+        "VECTORSTREAM_QUERY__DEV_MODE": "true",
     }
 
 
@@ -115,10 +116,9 @@ def _ready(port: int) -> bool:
 
 async def _probe(settings: Settings, timeout: float) -> float:  # noqa: ASYNC109 - a deadline for the probe
     """Ask one question of an empty tenant and return the worker's time: the query path answers end to end."""
-    from agents.commands import query_client
-    from pipeline.auth import mint_token
+    from agents.commands import dev_token, query_client
 
-    token = mint_token(settings.query, tenant=PROBE_TENANT, user="up", groups=[])
+    token = dev_token(settings, tenant=PROBE_TENANT, user="up", groups=[])
     async with query_client(settings, tenant=PROBE_TENANT, token=token, startup_timeout=timeout) as client:
         result = await client.ask("is anyone there?", top_k=1, timeout=timeout)
     return result.took_ms

@@ -70,6 +70,16 @@ def run_worker(
                 log.error("refusing to start: %s", line)
             return 2
     configure_logging(settings.log_level)
+    verifier = None
+    if "query" in settings.role_set:
+        from pipeline.auth import TokenVerifier
+
+        try:  # before anything starts: a key configuration that must not serve stops the worker here
+            verifier = TokenVerifier(settings.query)
+        except ConfigurationError as exc:
+            log.error("refusing to start: %s", exc)
+            return 2
+        log.info("query tokens accepted with %s", ", ".join(verifier.algorithms))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
 
@@ -137,11 +147,13 @@ def run_worker(
         from pipeline.query import QueryService
 
         embedder.warm_query_lane()  # queries embed on a lane of their own, never behind an ingest batch
-        queries = QueryService(settings, store, embedder, FaustReplies(app))
-        if queries.verifier.uses_dev_secret:
+        assert verifier is not None  # built above for the query role
+        replies = FaustReplies(app, refresh_seconds=settings.query.reply_topics_refresh_seconds)
+        queries = QueryService(settings, store, embedder, replies, verifier=verifier)
+        if verifier.uses_dev_secret:
             log.warning(
-                "query tokens are checked with the DEVELOPMENT secret: anyone can mint them; "
-                "set VECTORSTREAM_QUERY__HS256_SECRET or VECTORSTREAM_QUERY__PUBLIC_KEY outside a laptop"
+                "query.dev_mode: query tokens are checked with the DEVELOPMENT secret printed in the source, "
+                "anyone can mint them; never run like this outside a laptop"
             )
         install_query_agent(app, queries, settings.kafka.queries_topic)
     if health is not None:

@@ -370,15 +370,25 @@ class QueryTraffic:
 
     bootstrap: str
     queries_topic: str
-    reply_topic: str
+    #: the prefix of the per-tenant reply topics (kafka.replies_topic): replies come on "<prefix>.<tenant>"
+    replies_prefix: str
     tenant: str
     token: str
     _pending: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     replies: int = 0
 
+    @property
+    def reply_topic(self) -> str:
+        from schemas.queries import reply_topic_for
+
+        return reply_topic_for(self.replies_prefix, self.tenant)
+
     async def __aenter__(self) -> QueryTraffic:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+        from pipeline.kafka import create_topics
+
+        await create_topics(self.bootstrap, {self.reply_topic: 1})  # the worker never creates a reply topic
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=2)
         self._consumer = AIOKafkaConsumer(
             self.reply_topic,
@@ -479,11 +489,13 @@ class Topics:
 
 
 def dev_token(tenant: str) -> str:
-    """A token for ``tenant`` signed with the settings the worker reads (the dev secret unless configured)."""
+    """A token for ``tenant`` signed with the settings the worker reads (the dev secret unless configured: the
+    dashboard's worker runs in query.dev_mode)."""
     from pipeline.auth import mint_token
     from pipeline.settings import Settings
 
-    return mint_token(Settings().query, tenant=tenant, user="dashboard", ttl_seconds=3600)
+    query = Settings().query.model_copy(update={"dev_mode": True})
+    return mint_token(query, tenant=tenant, user="dashboard", ttl_seconds=3600)
 
 
 # --- the picture -----------------------------------------------------------------------------------------
@@ -726,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "VECTORSTREAM_METRICS__PORT": str(metrics_port),
                 "VECTORSTREAM_METRICS__HOST": "127.0.0.1",
                 "VECTORSTREAM_QUERY__RECALL_SAMPLE_RATE": str(args.recall_sample_rate),
+                "VECTORSTREAM_QUERY__DEV_MODE": "true",  # tokens signed with the development secret
                 "APP_DATADIR": str(work / "faust"),  # faust's table folder, else <group>-data in the repo
             }
             with Prometheus(tools[0], work, {"vectorstream-ingest": [f"127.0.0.1:{metrics_port}"]}) as prom:

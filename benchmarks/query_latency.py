@@ -202,6 +202,8 @@ async def latency(
     errors: dict[str, int] = {}
     hits = 0
     async with QueryClient(bootstrap, queries_topic=k.queries_topic, replies_topic=k.replies_topic) as client:
+        # each tenant has its own reply topic: open (and create) them all before anything is timed
+        await asyncio.gather(*(client.listen(f"t{t:02d}") for t in range(TENANTS)))
         sem = asyncio.Semaphore(in_flight)
 
         async def one(i: int) -> None:
@@ -335,6 +337,7 @@ def run(n: int = 1000, recall_n: int = 200, keep: bool = False) -> dict[str, Any
                 "queries_topic": f"bench-q-{run_id}",
                 "replies_topic": f"bench-r-{run_id}",
             },
+            query={"dev_mode": True},  # the worker (WorkerProcess) runs in dev mode: the same secret
         )
         try:
             worker.wait_for(lambda: worker.metrics() is not None, 180, "the worker's /metrics")

@@ -147,7 +147,7 @@ def end_to_end(docs: list[Doc], queries: dict[str, str], qrels: dict[str, dict[s
                 what="the HNSW index built",
             )
             say(f"ingested {chunks:.0f} chunks in {ingest_seconds:.0f}s; asking {len(queries)} queries")
-            token = mint_token(Settings(_env_file=None).query, tenant="bench", user="bench")
+            token = mint_token(Settings(_env_file=None, query={"dev_mode": True}).query, tenant="bench", user="bench")
             runs, took = asyncio.run(_ask_all(broker.bootstrap_servers, token, queries))
         finally:
             worker.terminate()

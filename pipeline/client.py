@@ -14,11 +14,11 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from pipeline.decode import Record
-from pipeline.kafka import KafkaTarget, consumer, kafka_settings, producer, start_client
+from pipeline.kafka import KafkaTarget, consumer, create_topics, kafka_settings, producer, start_client
 from schemas.events import DocumentDelete, DocumentUpsert, document_key
 from schemas.queries import (
     CORRELATION_HEADER,
@@ -27,6 +27,7 @@ from schemas.queries import (
     QueryRequest,
     QueryResult,
     query_reply_adapter,
+    reply_topic_for,
 )
 
 
@@ -102,9 +103,13 @@ class QueryFailed(Exception):
 class QueryClient:
     """Publishes query requests and awaits their replies by correlation id, each with a timeout.
 
-    It reads the whole reply topic from its end (no consumer group), so many clients can share one reply
-    topic; replies of other clients are ignored, and so is a second reply to the same request (a server
-    crash between producing a reply and acking the request replays it).
+    Replies to tenant T's requests come on T's own reply topic, ``<replies_topic>.T``
+    (:func:`schemas.queries.reply_topic_for`): the worker writes nowhere else, so a Kafka ACL per tenant keeps
+    each tenant's hits to itself. The client reads the reply topic of each tenant it asks for from its end (no
+    consumer group), so many clients of one tenant can share it; replies of other clients are ignored, and so
+    is a second reply to the same request (a server crash between producing a reply and acking the request
+    replays it). A reply topic that does not exist is created when ``create_reply_topics`` is set (the default;
+    the client's Kafka principal then needs CREATE on it), else awaited: the worker never creates one.
 
     ``async with QueryClient(bootstrap, tenant="acme", token=t) as c: result = await c.ask("question")``
     """
@@ -118,70 +123,109 @@ class QueryClient:
         tenant: str | None = None,
         token: str | None = None,
         startup_timeout: float = 60.0,
+        create_reply_topics: bool = True,
+        reply_partitions: int = 1,
         **client_options: Any,
     ) -> None:
         self.queries_topic = queries_topic
-        self.replies_topic = replies_topic
+        #: the prefix of the per-tenant reply topics (settings ``kafka.replies_topic``)
+        self.replies_prefix = replies_topic
         self.tenant = tenant
         self.token = token
         self.startup_timeout = startup_timeout
+        self.create_reply_topics = create_reply_topics
+        self.reply_partitions = reply_partitions
         self._target = bootstrap_servers
+        self._options = client_options
         self._producer = producer(bootstrap_servers, linger_ms=0, **client_options)
-        self._consumer = consumer(
-            bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=20,
-            **client_options,
-        )
         self._waiting: dict[str, asyncio.Future[QueryResult | QueryFailure]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        #: reply topic -> its consumer and reading task
+        self._readers: dict[str, tuple[AIOKafkaConsumer, asyncio.Task[None]]] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
         #: replies read per request id of this client (a value above 1 is a duplicate reply)
         self.replies_seen: collections.Counter[str] = collections.Counter()
+
+    @property
+    def replies_topic(self) -> str:
+        """The reply topic of the client's tenant."""
+        if self.tenant is None:
+            raise ValueError("this client has no tenant: its reply topic is per tenant")
+        return reply_topic_for(self.replies_prefix, self.tenant)
 
     async def __aenter__(self) -> QueryClient:
         await start_client(self._producer, self._target)
         try:
-            await self._consumer.start()
-            partitions = await self._reply_partitions()
-            self._consumer.assign(partitions)
-            await self._consumer.seek_to_end(*partitions)
-            for tp in partitions:  # resolve the end offsets now, before any request is sent
-                await self._consumer.position(tp)
+            if self.tenant is not None:
+                await self.listen(self.tenant)
         except BaseException:
-            await self._consumer.stop()
-            await self._producer.stop()
+            await self._close()
             raise
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="query-client-replies")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        await self._close()
+
+    async def _close(self) -> None:
+        for reader, task in self._readers.values():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+                await task
+            await reader.stop()
+        self._readers.clear()
         for fut in self._waiting.values():
             fut.cancel()
         self._waiting.clear()
-        await self._consumer.stop()
         await self._producer.stop()
 
-    async def _reply_partitions(self) -> list[TopicPartition]:
+    async def listen(self, tenant: str) -> str:
+        """Start reading ``tenant``'s reply topic (from its end), creating it if allowed; returns its name."""
+        topic = reply_topic_for(self.replies_prefix, tenant)
+        lock = self._opening.setdefault(topic, asyncio.Lock())
+        async with lock:
+            if topic in self._readers:
+                return topic
+            reader = consumer(
+                self._target,  # bootstrap servers, TLS and SASL as configured
+                group_id=None,
+                enable_auto_commit=False,
+                fetch_max_wait_ms=20,
+                **self._options,
+            )
+            await start_client(reader, self._target)
+            try:
+                partitions = await self._reply_partitions(reader, topic)
+                reader.assign(partitions)
+                await reader.seek_to_end(*partitions)
+                for tp in partitions:  # resolve the end offsets now, before any request is sent
+                    await reader.position(tp)
+            except BaseException:
+                await reader.stop()
+                raise
+            task = asyncio.get_running_loop().create_task(self._read(reader), name=f"query-client-{topic}")
+            self._readers[topic] = (reader, task)
+        return topic
+
+    async def _reply_partitions(self, consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
         deadline = time.monotonic() + self.startup_timeout
+        created = False
         while True:
             parts: set[int] | None = None
-            if self.replies_topic in await self._consumer.topics():
+            if topic in await consumer.topics():
                 with contextlib.suppress(KafkaError):
-                    parts = await self._producer.partitions_for(self.replies_topic)
+                    parts = await self._producer.partitions_for(topic)
+            elif self.create_reply_topics and not created:
+                await create_topics(self._target, {topic: self.reply_partitions})
+                created = True
+                continue
             if parts:
-                return [TopicPartition(self.replies_topic, p) for p in sorted(parts)]
+                return [TopicPartition(topic, p) for p in sorted(parts)]
             if time.monotonic() > deadline:
-                raise TimeoutError(f"reply topic {self.replies_topic!r} does not exist (is a worker running?)")
+                raise TimeoutError(f"reply topic {topic!r} does not exist (create it, or let the client create it)")
             await asyncio.sleep(0.5)
 
-    async def _read(self) -> None:
+    async def _read(self, consumer: AIOKafkaConsumer) -> None:
         while True:
-            batch = await self._consumer.getmany(timeout_ms=200)
+            batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 for record in records:
                     self._dispatch(record)
@@ -230,7 +274,7 @@ class QueryClient:
                 "search": search,
                 "with_text": with_text,
                 "with_metadata": with_metadata,
-                "reply_topic": self.replies_topic,
+                "reply_topic": reply_topic_for(self.replies_prefix, tenant or self.tenant or ""),
                 "deadline_ms": int((time.time() + timeout) * 1000),
             }
         )
@@ -245,7 +289,9 @@ class QueryClient:
         if timeout is None:
             timeout = max(req.deadline_ms / 1000 - time.time(), 0) + 1.0
         value = req.model_dump_json(exclude_none=True).encode()
-        return await self.send_raw(req.request_id.encode(), value, request_id=req.request_id, timeout=timeout)
+        return await self.send_raw(
+            req.request_id.encode(), value, request_id=req.request_id, timeout=timeout, tenant=req.tenant_id
+        )
 
     async def ask(
         self,
@@ -268,8 +314,12 @@ class QueryClient:
         request_id: str,
         timeout: float = 10.0,  # noqa: ASYNC109 - how long to wait for the reply
         headers: list[tuple[str, bytes]] | None = None,
+        tenant: str | None = None,
     ) -> QueryResult | QueryFailure:
-        """Publish bytes as they are and await the reply correlated by ``request_id`` (tests and tools)."""
+        """Publish bytes as they are and await the reply correlated by ``request_id`` on the reply topic of
+        ``tenant`` (default: the client's) (tests and tools)."""
+        if tenant or self.tenant:
+            await self.listen(tenant or self.tenant or "")
         fut = self.expect(request_id)
         try:
             await self._producer.send_and_wait(self.queries_topic, value, key=key, headers=headers)

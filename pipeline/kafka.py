@@ -327,9 +327,12 @@ async def create_topics(
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create the documents, dead-letter, queries and replies topics of ``settings`` if they do not exist."""
+    """Create the documents, dead-letter and queries topics of ``settings`` if they do not exist.
+
+    Reply topics are per tenant (``<replies_topic>.<tenant>``) and are never created by the worker: a client (or
+    the deployment, with per-tenant ACLs) creates its tenant's topic."""
     k = settings.kafka
-    plain = {k.documents_topic: k.partitions, k.queries_topic: k.partitions, k.replies_topic: k.partitions}
+    plain = {k.documents_topic: k.partitions, k.queries_topic: k.partitions}
     await create_topics(k, plain, k.replication_factor)
     await create_topics(
         k,

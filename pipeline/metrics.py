@@ -66,6 +66,12 @@ QUERY_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 QUERY_ERRORS = Counter("vectorstream_query_errors_total", "Query error replies, by code", ["code"])
+QUERY_REPLIES_FAILED = Counter(
+    "vectorstream_query_replies_failed_total",
+    "Query replies not delivered and dropped, by reason (no_reply_topic, unknown_topic, timeout, broker_error, "
+    "backlog)",
+    ["reason"],
+)
 QUERIES_EXPIRED = Counter("vectorstream_queries_expired_total", "Requests dropped because their deadline had passed")
 QUERY_IN_FLIGHT = Gauge("vectorstream_queries_in_flight", "Queries being served right now")
 QUERY_EMBED_BATCH = Histogram(
@@ -96,6 +102,8 @@ def _export_known_label_values() -> None:
         QUERY_SECONDS.labels(outcome=outcome)
     for code in ErrorCode:
         QUERY_ERRORS.labels(code=code.value)
+    for why in ("no_reply_topic", "unknown_topic", "timeout", "broker_error", "backlog"):
+        QUERY_REPLIES_FAILED.labels(reason=why)
 
 
 _export_known_label_values()

@@ -3,21 +3,29 @@
 Callers publish QueryRequests; each gets exactly one reply on its reply topic, except a request whose deadline
 had already passed on arrival, which is counted (vectorstream_queries_expired_total) and dropped.
 
-Serving one request, in order (the agent calls :meth:`QueryService.admit` inline, then :meth:`run` in a task):
+Serving one request, in order (the agent calls :meth:`QueryService.admit` inline, then :meth:`run` or
+:meth:`send` in a task of their own: the agent loop never waits on a search or on the broker):
 
-1. ``admit`` (synchronous, no I/O): decode; drop if the deadline passed; check the reply topic; verify the
-   token (tenant, user and groups come from it only); the token's tenant must equal the request's; check
-   top_k, the caller's filter and hnsw_ef against their caps; then admission: when ``max_concurrency``
-   queries are running and ``max_queue`` are waiting, the request is answered ``overloaded`` at once.
-   Any failure here is an error reply and no vector-store call.
+1. ``admit`` (synchronous, no I/O): decode; drop if the deadline passed; verify the token before anything
+   else costs work (tenant, user and groups come from it only); the token's tenant must equal the request's;
+   the reply topic must be the verified tenant's own, ``<kafka.replies_topic>.<tenant>``
+   (:func:`schemas.queries.reply_topic_for`); check top_k, the caller's filter and hnsw_ef against their caps;
+   then admission: when ``max_concurrency`` queries are running and ``max_queue`` are waiting, the request is
+   answered ``overloaded`` at once. Any failure here is an error reply and no vector-store call. A request
+   that fails before its token was verified is answered only on the reply topic of the tenant it names, and
+   only when it named that very topic; otherwise it is dropped and counted.
 2. ``run``: within the request's remaining deadline, wait for a slot, embed the text in a micro-batch with the
    other queries of the moment, and search with ONE filter: tenant AND access rule AND the caller's filter
    (the store enforces it inside HNSW; nothing is filtered afterwards). When HNSW returns fewer than top_k
    hits, few chunks pass the filter and the graph among them may be disconnected, so the search is re-run
    exactly (cheap at that size): a small tenant or a narrow filter still finds every readable match.
-   A deadline that passes meanwhile is answered ``deadline_exceeded``.
-3. The reply is produced (keyed by the request id, header ``vs-correlation-id``) and only then does the
-   agent ack the request. A crash before that replays the request; the client ignores a second reply.
+   A deadline that passes meanwhile is answered ``deadline_exceeded``. The admission slot is released as soon
+   as the search is done, before the reply is produced.
+3. The reply is produced (keyed by the request id, header ``vs-correlation-id``) within
+   ``query.reply_timeout_seconds``, and then the agent acks the request. A reply that cannot be delivered (its
+   topic does not exist, the broker does not confirm it in time) is counted in
+   ``vectorstream_query_replies_failed_total{reason}`` and dropped; the worker goes on. A crash before the
+   reply was confirmed replays the request; the client ignores a second reply.
 
 A fraction of live HNSW queries (``query.recall_sample_rate``) is re-run exactly in the background to keep
 ``vectorstream_recall_at_k`` current.
@@ -30,6 +38,7 @@ import collections
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -52,9 +61,13 @@ from schemas.queries import (
     QueryRequest,
     QueryResult,
     failure,
+    reply_topic_for,
 )
 
 log = logging.getLogger(__name__)
+
+#: a tenant id as the wire allows it (schemas.events.TenantId), to salvage one from a request that does not validate
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 # --- replies -----------------------------------------------------------------------------------------------
@@ -87,9 +100,18 @@ class Reply:
         return isinstance(self.body, QueryResult)
 
 
+class UnknownReplyTopic(Exception):  # noqa: N818 - a reason, as the metric label says
+    """The reply's topic is not in the cluster's topic list: producing to it could create it."""
+
+
 class ReplySink(Protocol):
     async def send(self, reply: Reply) -> None:
-        """Produce the reply and return once the broker confirmed it."""
+        """Produce the reply and return once the broker confirmed it; UnknownReplyTopic when its topic is not
+        known to exist (the sink never produces to such a topic)."""
+
+
+#: why a reply was not delivered (the ``reason`` of vectorstream_query_replies_failed_total)
+REPLY_FAILURES = ("no_reply_topic", "unknown_topic", "timeout", "broker_error", "backlog")
 
 
 # --- micro-batched embedding -------------------------------------------------------------------------------
@@ -178,6 +200,8 @@ class Admitted:
     flt: Filter
     hnsw_ef: int
     arrived: float
+    #: the verified tenant's reply topic (the request named it)
+    topic: str
 
 
 class QueryService:
@@ -208,30 +232,41 @@ class QueryService:
         )
         self._recall: collections.deque[float] = collections.deque(maxlen=self.cfg.recall_window)
         self._sampling: asyncio.Task[None] | None = None
+        self._pending_replies: set[asyncio.Task[bool]] = set()
 
     @property
     def admitted(self) -> int:
-        """Requests admitted and not yet replied to (running or waiting for a slot)."""
+        """Requests admitted and not yet searched (running or waiting for a slot)."""
         return self._admitted
+
+    def reply_topic(self, tenant: str) -> str:
+        """The one topic replies to ``tenant``'s requests may go to."""
+        return reply_topic_for(self.settings.kafka.replies_topic, tenant)
 
     # --- step 1: checks and admission (no I/O) ---------------------------------------------------------------
 
     def admit(self, key: bytes | None, value: bytes | None) -> Admitted | Reply | None:
-        """An Admitted request to :meth:`run`, an error Reply to :meth:`send`, or None (deadline passed: drop)."""
+        """An Admitted request to :meth:`run`, an error Reply to :meth:`send`, or None: dropped (the deadline
+        passed, or a request that failed before its token was verified named no reply topic it may use)."""
         arrived = time.monotonic()
-        default_topic = self.settings.kafka.replies_topic
         salvaged = _salvage(key, value)
         request_id = salvaged.get("request_id", "")
 
-        def error(code: ErrorCode, message: str, topic: str = default_topic) -> Reply:
-            return Reply(topic, request_id, failure(request_id, code, message), arrived)
+        def unverified(code: ErrorCode, message: str, tenant: Any, topic: Any) -> Reply | None:
+            # before a token is verified nothing is known: answer only on the topic of the tenant the request
+            # names, and only if it named that very topic (the sink then checks that it exists)
+            if isinstance(tenant, str) and _TENANT.fullmatch(tenant) and topic == self.reply_topic(tenant):
+                return Reply(topic, request_id, failure(request_id, code, message), arrived)
+            m.QUERY_REPLIES_FAILED.labels(reason="no_reply_topic").inc()
+            return None
 
         if value is None or len(value) > self.cfg.max_request_bytes:
             size = "no value" if value is None else f"{len(value)} bytes, limit {self.cfg.max_request_bytes}"
-            return error(
+            return unverified(
                 ErrorCode.BAD_REQUEST,
                 f"request is empty or too large ({size})",
-                self._reply_topic(salvaged.get("reply_topic")) or default_topic,
+                salvaged.get("tenant_id"),
+                salvaged.get("reply_topic"),
             )
         try:
             req = QueryRequest.model_validate_json(value)
@@ -239,70 +274,64 @@ class QueryService:
             if self._expired(salvaged.get("deadline_ms")):
                 m.QUERIES_EXPIRED.inc()
                 return None
-            topic = self._reply_topic(salvaged.get("reply_topic")) or default_topic
             top_k = [e for e in exc.errors() if e["loc"] == ("top_k",) and e["type"] == "less_than_equal"]
             if top_k:
-                return error(ErrorCode.TOP_K_TOO_LARGE, f"top_k is above the limit {self.cfg.max_top_k}", topic)
-            return error(ErrorCode.BAD_REQUEST, f"not a valid query request: {_describe(exc)}", topic)
+                code, message = ErrorCode.TOP_K_TOO_LARGE, f"top_k is above the limit {self.cfg.max_top_k}"
+            else:
+                code, message = ErrorCode.BAD_REQUEST, f"not a valid query request: {_describe(exc)}"
+            return unverified(code, message, salvaged.get("tenant_id"), salvaged.get("reply_topic"))
         request_id = req.request_id
         if self._expired(req.deadline_ms):
             m.QUERIES_EXPIRED.inc()
             return None
-        topic = self._reply_topic(req.reply_topic)
-        if topic is None:
-            allowed = self.settings.kafka.replies_topic
-            return error(
-                ErrorCode.BAD_REQUEST,
-                f"reply_topic {req.reply_topic!r} is not allowed: use {allowed!r} or '{allowed}.<suffix>'",
-            )
         try:
             principal = self.verifier.verify(req.token)
         except AuthError as exc:
-            return error(exc.code, str(exc), topic)
+            return unverified(exc.code, str(exc), req.tenant_id, req.reply_topic)
+        # from here on the tenant is known: every reply goes to its own topic, whatever the request named
+        topic = self.reply_topic(principal.tenant_id)
+
+        def error(code: ErrorCode, message: str) -> Reply:
+            return Reply(topic, request_id, failure(request_id, code, message), arrived)
+
         if principal.tenant_id != req.tenant_id:
             return error(
-                ErrorCode.TENANT_MISMATCH,
-                f"the token is for another tenant than the request's {req.tenant_id!r}",
-                topic,
+                ErrorCode.TENANT_MISMATCH, f"the token is for another tenant than the request's {req.tenant_id!r}"
+            )
+        if req.reply_topic != topic:
+            return error(
+                ErrorCode.BAD_REQUEST,
+                f"reply_topic {req.reply_topic!r} is not allowed: replies to tenant {principal.tenant_id!r} go to "
+                f"{topic!r} only",
             )
         if req.top_k > self.cfg.max_top_k:
-            return error(ErrorCode.TOP_K_TOO_LARGE, f"top_k {req.top_k} is above the limit {self.cfg.max_top_k}", topic)
+            return error(ErrorCode.TOP_K_TOO_LARGE, f"top_k {req.top_k} is above the limit {self.cfg.max_top_k}")
         try:
             flt = search_filter(principal, caller_filter(req.filter))
         except FilterError as exc:
-            code = ErrorCode.FORBIDDEN_FILTER_FIELD if exc.forbidden else ErrorCode.BAD_REQUEST
-            return error(code, str(exc), topic)
+            return error(ErrorCode.FORBIDDEN_FILTER_FIELD if exc.forbidden else ErrorCode.BAD_REQUEST, str(exc))
         ef = (req.search.hnsw_ef if req.search else None) or self.settings.store.hnsw_ef
         if ef > self.cfg.max_hnsw_ef:
-            return error(ErrorCode.BAD_REQUEST, f"hnsw_ef {ef} is above the limit {self.cfg.max_hnsw_ef}", topic)
+            return error(ErrorCode.BAD_REQUEST, f"hnsw_ef {ef} is above the limit {self.cfg.max_hnsw_ef}")
         if self._admitted >= self._limit:
             return error(
                 ErrorCode.OVERLOADED,
                 f"{self._admitted} queries are running or waiting (limit {self._limit}); retry later",
-                topic,
             )
         self._admitted += 1
         m.QUERY_IN_FLIGHT.inc()
-        return Admitted(req, principal, flt, ef, arrived)
+        return Admitted(req, principal, flt, ef, arrived, topic)
 
     def _expired(self, deadline_ms: Any) -> bool:
         return (
             isinstance(deadline_ms, int) and not isinstance(deadline_ms, bool) and deadline_ms <= self._clock() * 1000
         )
 
-    def _reply_topic(self, topic: Any) -> str | None:
-        """The topic to reply to, if the server may write there: its replies topic or ``<replies topic>.*``."""
-        base = self.settings.kafka.replies_topic
-        if isinstance(topic, str) and (topic == base or (topic.startswith(base + ".") and len(topic) <= 249)):
-            return topic
-        return None
-
     # --- step 2: search --------------------------------------------------------------------------------------
 
     async def run(self, job: Admitted) -> Reply:
-        """Serve an admitted request within its deadline, send its reply, and release its admission slot."""
+        """Serve an admitted request within its deadline, release its admission slot, then send its reply."""
         req = job.request
-        topic = req.reply_topic
         hits: list[Hit] = []
         vector: np.ndarray | None = None
         try:
@@ -312,13 +341,14 @@ class QueryService:
                     async with self._slots:
                         vector = await self._batcher.embed(req.query)
                         exact = bool(req.search and req.search.exact)
+                        values: list[float] = vector.tolist()  # the store port takes a plain sequence
                         hits = await self.store.search(
-                            vector, flt=job.flt, limit=req.top_k, hnsw_ef=job.hnsw_ef, exact=exact
+                            values, flt=job.flt, limit=req.top_k, hnsw_ef=job.hnsw_ef, exact=exact
                         )
                         if not exact and len(hits) < req.top_k:
                             # fewer hits than asked: few chunks pass the filter, and filtered HNSW can miss
                             # some of them (the graph among them is sparse); exact search over so few is cheap
-                            hits = await self.store.search(vector, flt=job.flt, limit=req.top_k, exact=True)
+                            hits = await self.store.search(values, flt=job.flt, limit=req.top_k, exact=True)
                 body: QueryResult | QueryFailure = QueryResult(
                     request_id=req.request_id,
                     hits=[_hit(h, text=req.with_text, metadata=req.with_metadata) for h in hits],
@@ -339,21 +369,59 @@ class QueryService:
             except Exception:  # noqa: BLE001 - the caller still gets its one reply
                 log.exception("query %s failed", req.request_id)
                 body = failure(req.request_id, ErrorCode.INTERNAL, "internal error", _ms_since(job.arrived))
-            reply = Reply(topic, req.request_id, body, job.arrived)
-            await self.send(reply)
         finally:
+            # the slot is free once the search is done: a slow or failing reply never holds one
             self._admitted -= 1
             m.QUERY_IN_FLIGHT.dec()
+        reply = Reply(job.topic, req.request_id, body, job.arrived)
+        await self.send(reply)
         if reply.ok and vector is not None and not (req.search and req.search.exact):
             self._maybe_sample_recall(vector, job, hits)
         return reply
 
-    async def send(self, reply: Reply) -> None:
-        """Produce a reply (confirmed by the broker) and account for it."""
-        await self.sink.send(reply)
-        if isinstance(reply.body, QueryFailure):
-            m.QUERY_ERRORS.labels(code=reply.body.error.code.value).inc()
-        m.QUERY_SECONDS.labels(outcome="ok" if reply.ok else "error").observe(time.monotonic() - reply.arrived)
+    async def send(self, reply: Reply) -> bool:
+        """Produce a reply within ``query.reply_timeout_seconds`` and account for it. Never raises: a reply that
+        is not delivered is counted by reason, logged and dropped. True when the broker confirmed it."""
+        try:
+            async with asyncio.timeout(self.cfg.reply_timeout_seconds):
+                await self.sink.send(reply)
+        except UnknownReplyTopic:
+            # what an unauthenticated caller gets for naming a topic that does not exist: no log line per request
+            reason = "unknown_topic"
+            log.debug("query %s: reply topic %r does not exist, reply dropped", reply.request_id, reply.topic)
+        except TimeoutError:
+            reason = "timeout"
+            log.warning(
+                "query %s: reply to %r not confirmed within %.1f s, dropped",
+                reply.request_id,
+                reply.topic,
+                self.cfg.reply_timeout_seconds,
+            )
+        except Exception as exc:  # noqa: BLE001 - a reply that cannot be delivered never stops serving
+            reason = "broker_error"
+            log.warning("query %s: reply to %r failed, dropped: %r", reply.request_id, reply.topic, exc)
+        else:
+            if isinstance(reply.body, QueryFailure):
+                m.QUERY_ERRORS.labels(code=reply.body.error.code.value).inc()
+            m.QUERY_SECONDS.labels(outcome="ok" if reply.ok else "error").observe(time.monotonic() - reply.arrived)
+            return True
+        m.QUERY_REPLIES_FAILED.labels(reason=reason).inc()
+        return False
+
+    def send_later(self, reply: Reply) -> asyncio.Task[bool] | None:
+        """:meth:`send` in a task of its own, so the caller (the agent loop) does not wait on the broker; None
+        when ``query.max_pending_replies`` replies are already waiting (this one is then counted and dropped)."""
+        if len(self._pending_replies) >= self.cfg.max_pending_replies:
+            m.QUERY_REPLIES_FAILED.labels(reason="backlog").inc()
+            return None
+        task = asyncio.get_running_loop().create_task(self.send(reply), name=f"query-reply-{reply.request_id}")
+        self._pending_replies.add(task)
+        task.add_done_callback(self._pending_replies.discard)
+        return task
+
+    @property
+    def pending_replies(self) -> int:
+        return len(self._pending_replies)
 
     async def handle(self, key: bytes | None, value: bytes | None) -> Reply | None:
         """admit + run or send: one request, start to finish (tests and tools; the agent splits the two)."""
@@ -378,7 +446,7 @@ class QueryService:
 
     async def _sample_recall(self, vector: np.ndarray, flt: Filter, limit: int, found: set[str]) -> None:
         try:
-            exact = await self.store.search(vector, flt=flt, limit=limit, exact=True)
+            exact = await self.store.search(vector.tolist(), flt=flt, limit=limit, exact=True)
         except Exception:  # noqa: BLE001 - a missed sample is harmless
             log.debug("recall sample failed", exc_info=True)
             return
@@ -390,6 +458,9 @@ class QueryService:
 
     async def close(self) -> None:
         await self._batcher.close()
+        for task in list(self._pending_replies):
+            task.cancel()
+        await asyncio.gather(*self._pending_replies, return_exceptions=True)
         if self._sampling is not None:
             self._sampling.cancel()
             await asyncio.gather(self._sampling, return_exceptions=True)
@@ -426,10 +497,13 @@ def _salvage(key: bytes | None, value: bytes | None) -> dict[str, Any]:
             return out
         if isinstance(obj, dict):
             rid, topic, deadline = obj.get("request_id"), obj.get("reply_topic"), obj.get("deadline_ms")
+            tenant = obj.get("tenant_id")
             if isinstance(rid, str) and 0 < len(rid) <= 128:
                 out["request_id"] = rid
             if isinstance(topic, str):
                 out["reply_topic"] = topic
+            if isinstance(tenant, str):
+                out["tenant_id"] = tenant
             if isinstance(deadline, int) and not isinstance(deadline, bool):
                 out["deadline_ms"] = deadline
     return out

@@ -13,7 +13,10 @@ The language (the ``filter`` field of a query request, see ``schemas/queries.py`
                | {"key": K, "range": {"gt": x, "gte": x, "lt": x, "lte": x}}   a number within the bounds
 
 Keys are the documents' metadata keys as published (``"year"``, ``"lang"``), lower-case letters, digits
-and ``_``, starting with a letter. A list-valued metadata field matches when the list contains the value.
+and ``_``, starting with a letter (the whole key: ``"lang\\n"`` is no key). Values are what the store can
+hold: integers within int64, strings of at most 1024 characters, and one type per ``any`` list (all strings
+or all integers). Anything else is ``bad_request`` with a message saying what. A list-valued metadata
+field matches when the list contains the value.
 A document without the key fails ``match``, ``any`` and ``range`` (and so passes ``must_not``).
 At most 16 conditions per clause, no nesting. A key naming a stored field that is not metadata (the tenant,
 the access lists, document id, version, model, title, text...) or any path (a dot, brackets) is rejected with
@@ -45,8 +48,13 @@ from pipeline.store.base import (
 )
 from schemas.queries import AnyCondition, MatchCondition, QueryFilter, RangeCondition
 
-#: a metadata key as the document events allow it (schemas.events.MetaKey)
-_META_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: a metadata key as the document events allow it (schemas.events.MetaKey); used with fullmatch, since ``$``
+#: would also match before a trailing newline
+_META_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
+#: the store keeps integers as int64
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: the longest string value a condition may compare with (as schemas.queries.MatchValue allows)
+MAX_VALUE_CHARS = 1024
 #: stored top-level fields a caller can never filter on
 FORBIDDEN_KEYS = RESERVED_FIELDS | {CHUNK_INDEX, TITLE, TEXT, META_PREFIX, "id", "kind"}
 
@@ -64,7 +72,7 @@ def meta_key(key: str) -> str:
     lowered = key.strip().lower()
     if lowered in FORBIDDEN_KEYS or any(c in key for c in ".[]$*"):
         raise FilterError(f"filter key {key!r} is not a metadata field and may not be filtered on", forbidden=True)
-    if not _META_KEY.match(key):
+    if not _META_KEY.fullmatch(key):
         raise FilterError(
             f"filter key {key!r} is not a metadata key (lower-case letters, digits and _, starting with a letter)",
             forbidden=False,
@@ -72,11 +80,29 @@ def meta_key(key: str) -> str:
     return f"{META_PREFIX}.{key}"
 
 
+def _value(key: str, value: object) -> None:
+    """FilterError unless the store can compare with ``value`` (booleans are not integers here)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise FilterError(f"filter value of {key!r} is outside the 64-bit integer range", forbidden=False)
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        raise FilterError(
+            f"filter value of {key!r} is longer than {MAX_VALUE_CHARS} characters ({len(value)})", forbidden=False
+        )
+
+
 def _condition(cond: MatchCondition | AnyCondition | RangeCondition) -> Condition:
     key = meta_key(cond.key)
     if isinstance(cond, MatchCondition):
+        _value(cond.key, cond.match)
         return Match(key, cond.match)
     if isinstance(cond, AnyCondition):
+        kinds = {type(v) for v in cond.any}
+        if len(kinds) > 1:
+            raise FilterError(
+                f"filter 'any' of {cond.key!r} mixes strings and integers: use one type per list", forbidden=False
+            )
+        for v in cond.any:
+            _value(cond.key, v)
         return MatchAny(key, tuple(cond.any))
     if isinstance(cond, RangeCondition):
         b = cond.range

@@ -26,7 +26,7 @@ class KafkaSettings(BaseModel):
     dead_letter_topic: str = "vectorstream.documents.dlq"
     #: the topic of query requests
     queries_topic: str = "vectorstream.queries"
-    #: the default reply topic; a request may name this topic or one under "<replies_topic>."
+    #: the prefix of the per-tenant reply topics: tenant T's replies go to "<replies_topic>.T" only
     replies_topic: str = "vectorstream.replies"
     #: consumer group id; also the faust app id
     group_id: str = "vectorstream"
@@ -63,6 +63,9 @@ class KafkaSettings(BaseModel):
     partitions: int = Field(default=4, ge=1)
     #: replication factor of the topics the worker creates
     replication_factor: int = Field(default=1, ge=1)
+    #: how long the worker's producer waits for a broker's answer, topic metadata included (faust's default
+    #: is 1,200 s, which let one reply to a missing topic stall query serving)
+    producer_request_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
 
     @field_validator(
         "sasl_username",
@@ -261,16 +264,28 @@ class IngestSettings(BaseModel):
     retry_max_seconds: float = Field(default=10.0, gt=0)
 
 
-#: DEVELOPMENT ONLY: the default HS256 secret. Anyone who reads this can mint tokens for any tenant; set
-#: VECTORSTREAM_QUERY__HS256_SECRET (or use a public key and set the secret to "") anywhere but a laptop.
+#: DEVELOPMENT ONLY: the HS256 secret of ``query.dev_mode``. It is printed here, so anyone can mint tokens
+#: with it: a worker refuses to start with it unless ``query.dev_mode`` is set (the demo and the tests set it).
 DEV_HS256_SECRET = "vectorstream-dev-only-secret-do-not-use-in-production"
+#: the signature algorithms a token may use, by the kind of key configured
+HMAC_ALGORITHMS = ("HS256",)
+RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+EC_ALGORITHMS = ("ES256", "ES384", "ES512")
 
 
 class QuerySettings(BaseModel):
-    #: HS256 key of the query tokens; the default is a development secret (see DEV_HS256_SECRET); "" disables HS256
-    hs256_secret: SecretStr = SecretStr(DEV_HS256_SECRET)
-    #: PEM public key (RS256/ES256), inline or a path to a file; tokens signed with its private key are accepted
+    #: HS256 key of the query tokens (32+ bytes); empty: HS256 is off (except in dev_mode)
+    hs256_secret: SecretStr = SecretStr("")
+    #: PEM public key (RSA or EC), inline or a path to a file; empty: RS/PS/ES tokens are refused
     public_key: str | None = None
+    #: development mode, never in production: without hs256_secret, tokens are signed and checked with the
+    #: development secret printed in the source (DEV_HS256_SECRET); without it a worker refuses that secret
+    dev_mode: bool = False
+    #: the token algorithms accepted, comma-separated (e.g. "RS256"); empty: HS256 when a secret is set, plus
+    #: the algorithms of the public key's type (RS*/PS* for RSA, ES* for EC). Each one listed needs its key
+    algorithms: str = ""
+    #: the longest lifetime a token may have (``exp`` - ``iat``, or ``exp`` - now without ``iat``)
+    max_token_lifetime_seconds: int = Field(default=24 * 3600, ge=60)
     #: the ``iss`` and ``aud`` a token must carry
     issuer: str = "vectorstream"
     #: the ``aud`` claim a token must carry
@@ -297,15 +312,32 @@ class QuerySettings(BaseModel):
     recall_sample_rate: float = Field(default=0.01, ge=0, le=1)
     #: recall@k is the mean over this many most recent samples
     recall_window: int = Field(default=200, ge=1)
+    #: a reply not confirmed by the broker within this is dropped and counted
+    #: (vectorstream_query_replies_failed_total{reason="timeout"})
+    reply_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    #: the worker lists the cluster's topics this often and replies only to topics in the list (a produce to an
+    #: unknown topic would create it on brokers that auto-create topics, Tansu among them)
+    reply_topics_refresh_seconds: float = Field(default=5.0, gt=0, le=300)
+    #: at most this many error replies waiting for the broker; beyond it they are dropped and counted
+    max_pending_replies: int = Field(default=1024, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
-    def _some_key(self) -> QuerySettings:
+    def _secret_long_enough(self) -> QuerySettings:
         secret = self.hs256_secret.get_secret_value()
-        if not secret and not self.public_key:
-            raise ValueError("query tokens need a key: set query.hs256_secret or query.public_key")
         if secret and len(secret.encode()) < 32:
             raise ValueError("query.hs256_secret must be at least 32 bytes long")
+        if self.dev_token_ttl_seconds > self.max_token_lifetime_seconds:
+            raise ValueError("query.dev_token_ttl_seconds must not exceed query.max_token_lifetime_seconds")
         return self
+
+    @property
+    def algorithm_list(self) -> list[str]:
+        return [a.strip() for a in self.algorithms.split(",") if a.strip()]
+
+    def hs256_key(self) -> str:
+        """The HS256 secret in effect: the configured one, else the development secret in dev_mode, else ""."""
+        secret = self.hs256_secret.get_secret_value()
+        return secret or (DEV_HS256_SECRET if self.dev_mode else "")
 
 
 class MetricsSettings(BaseModel):

@@ -124,7 +124,8 @@ class QueryRequest(_Strict):
     #: what each hit carries besides doc id, chunk index, score and title
     with_text: bool = True
     with_metadata: bool = True
-    #: where the reply goes; the server only writes to its replies topic or topics named ``<replies topic>.*``
+    #: where the reply goes: the tenant's own reply topic, ``<replies topic prefix>.<tenant_id>``
+    #: (see :func:`reply_topic_for`); the server writes nowhere else
     reply_topic: TopicName
     #: epoch milliseconds; a request that arrives after it is dropped without a reply
     deadline_ms: Annotated[int, Field(ge=0, le=2**53)]
@@ -194,6 +195,14 @@ class QueryFailure(_Tolerant):
 
 QueryReply = Annotated[Union[QueryResult, QueryFailure], Field(discriminator="status")]
 query_reply_adapter: TypeAdapter[QueryResult | QueryFailure] = TypeAdapter(QueryReply)
+
+
+def reply_topic_for(prefix: str, tenant_id: str) -> str:
+    """The reply topic of ``tenant_id``: one per tenant, so that a Kafka ACL can give each tenant its own.
+
+    Tenant ids may contain ``.``, so a tenant has exactly this topic and no topics under it (``<prefix>.a.b``
+    is tenant ``a.b``'s, not one of tenant ``a``'s)."""
+    return f"{prefix}.{tenant_id}"
 
 
 def failure(request_id: str, code: ErrorCode, message: str, took_ms: float = 0.0) -> QueryFailure:

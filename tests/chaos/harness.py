@@ -158,6 +158,7 @@ class Scenario:
                 "VECTORSTREAM_KAFKA__REPLIES_TOPIC": self.replies,
                 "VECTORSTREAM_TEST_FAULT_FILE": str(self.fault_file),
                 "VECTORSTREAM_DATA_DIR": str(self.tmp / "data"),  # faust's folder, else under the repository
+                "VECTORSTREAM_QUERY__DEV_MODE": "true",  # tests that need real keys configure their own
                 **(env or {}),
             },
         )

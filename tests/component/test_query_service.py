@@ -160,7 +160,7 @@ def request(cfg, query="how do I reset my password", *, tenant="acme", tok=None,
         "tenant_id": tenant,
         "token": token(cfg, tenant) if tok is None else tok,
         "query": query,
-        "reply_topic": cfg.kafka.replies_topic,
+        "reply_topic": f"{cfg.kafka.replies_topic}.{tenant}",
         "deadline_ms": int(time.time() * 1000) + 10_000,
         **extra,
     }
@@ -192,8 +192,8 @@ async def test_text_query_answers_with_the_best_chunks(service, cfg):
     assert hit.metadata == {"year": 2023, "lang": "en", "tags": ["account", "howto"]}
     assert hit.chunk_index == 0 and 0 < hit.score <= 1.0001
     assert body.model == "all-MiniLM-L6-v2" and body.took_ms > 0
-    # the reply record: keyed by the request id, with the correlation header, to the reply topic
-    assert reply.topic == cfg.kafka.replies_topic
+    # the reply record: keyed by the request id, with the correlation header, to the tenant's reply topic
+    assert reply.topic == f"{cfg.kafka.replies_topic}.acme"
     assert reply.key == body.request_id.encode()
     assert reply.headers == [(CORRELATION_HEADER, body.request_id.encode())]
     assert json.loads(reply.value)["status"] == "ok"
@@ -283,7 +283,10 @@ async def test_token_errors_make_no_store_call(service, cfg, case, code):
     assert error_code(reply) == code
     assert not reply.body.error.retriable
     assert service.store.searches == before
-    assert reply.topic == cfg.kafka.replies_topic and reply.key == reply.body.request_id.encode()
+    # a verified token's tenant gets the reply on its own topic (tenant_mismatch: globex's token), an
+    # unverified request on the topic of the tenant it names
+    tenant = "globex" if case == "tenant_mismatch" else "acme"
+    assert reply.topic == f"{cfg.kafka.replies_topic}.{tenant}" and reply.key == reply.body.request_id.encode()
 
 
 @pytest.mark.parametrize(
@@ -308,19 +311,24 @@ async def test_request_errors(service, cfg, extra, code):
     assert service.store.searches == before
 
 
-async def test_undecodable_request_is_answered_on_the_default_topic(service, cfg):
-    reply = await service.handle(b"req-42", b"{not json")
-    assert error_code(reply) == ErrorCode.BAD_REQUEST
-    assert reply.topic == cfg.kafka.replies_topic and reply.request_id == "req-42"
+async def test_undecodable_request_is_dropped_without_a_reply(service, cfg):
+    before = m.QUERY_REPLIES_FAILED.labels(reason="no_reply_topic")._value.get()
+    assert await service.handle(b"req-42", b"{not json") is None
+    assert m.QUERY_REPLIES_FAILED.labels(reason="no_reply_topic")._value.get() == before + 1
 
 
-async def test_reply_topic_must_be_the_servers(service, cfg):
+async def test_reply_topic_must_be_the_tenants_own(service, cfg):
     base = cfg.kafka.replies_topic
-    ok = await ask(service, cfg, reply_topic=f"{base}.client-7")
-    assert ok.ok and ok.topic == f"{base}.client-7"
-    for topic in (cfg.kafka.documents_topic, f"{base}x", "other"):
+    ok = await ask(service, cfg)
+    assert ok.ok and ok.topic == f"{base}.acme"
+    for topic in (cfg.kafka.documents_topic, f"{base}x", "other", base, f"{base}.globex", f"{base}.acme.client-7"):
         reply = await ask(service, cfg, reply_topic=topic)
-        assert error_code(reply) == ErrorCode.BAD_REQUEST and reply.topic == base
+        assert error_code(reply) == ErrorCode.BAD_REQUEST and reply.topic == f"{base}.acme", topic
+    before = service.store.searches
+    # without a valid token nothing is written to another tenant's topic, nor to one that is nobody's
+    for topic in (f"{base}.globex", f"{base}.acme.client-7", base):
+        assert await service.handle(*request(cfg, tok="", reply_topic=topic)) is None, topic
+    assert service.store.searches == before
 
 
 async def test_passed_deadline_is_dropped_and_counted(service, cfg):

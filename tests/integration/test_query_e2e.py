@@ -1,8 +1,9 @@
 """Queries end to end on a real broker (Apache Kafka and Tansu) with a real worker process: request -> reply
 for text queries, filters, permissions and tenants, every error code, a missed deadline, and overload.
 
-One worker per broker serves every case of this module; the last case reads the whole reply topic and checks
-that every request got exactly one reply, keyed by its request id and carrying the correlation header."""
+One worker per broker serves every case of this module; the last case reads the tenants' reply topics and checks
+that every request got exactly one reply, keyed by its request id and carrying the correlation header, on the
+reply topic of its tenant."""
 
 from __future__ import annotations
 
@@ -83,14 +84,17 @@ DOCS = [
 
 
 class Served:
-    def __init__(self, bootstrap: str, worker: WorkerProcess, client: QueryClient, replies_topic: str):
+    def __init__(self, bootstrap: str, worker: WorkerProcess, client: QueryClient, replies_prefix: str):
         self.bootstrap = bootstrap
         self.worker = worker
         self.client = client
-        self.replies_topic = replies_topic
+        #: tenant T's replies come on "<replies_prefix>.T"
+        self.replies_prefix = replies_prefix
         #: request ids sent that must get exactly one reply / none at all
         self.expect_one: set[str] = set()
         self.expect_none: set[str] = set()
+        #: request id -> the tenant of its token, where its reply must land
+        self.tenant_of: dict[str, str] = {}
 
     def token(self, tenant="acme", user="alice", groups=(), ttl=300, settings=AUTH):
         return mint_token(settings, tenant=tenant, user=user, groups=list(groups), ttl_seconds=ttl)
@@ -100,6 +104,8 @@ class Served:
             query, tenant=tenant, token=self.token(tenant) if token is None else token, timeout=wait, **kw
         )
         self.expect_one.add(req.request_id)
+        if token is None:
+            self.tenant_of[req.request_id] = tenant
         return await self.client.request(req)
 
     async def docs(self, query="how do I reset my password", **kw) -> list[str]:
@@ -130,6 +136,7 @@ async def served(request, tmp_path_factory):
             "VECTORSTREAM_KAFKA__QUERIES_TOPIC": queries,
             "VECTORSTREAM_KAFKA__REPLIES_TOPIC": replies,
             "VECTORSTREAM_QUERY__HS256_SECRET": SECRET,
+            "VECTORSTREAM_QUERY__REPLY_TOPICS_REFRESH_SECONDS": "1",
             "VECTORSTREAM_QUERY__MAX_CONCURRENCY": str(MAX_CONCURRENCY),
             "VECTORSTREAM_QUERY__MAX_QUEUE": str(MAX_QUEUE),
             "VECTORSTREAM_QUERY__BATCH_WINDOW_MS": "5",
@@ -155,6 +162,10 @@ async def served(request, tmp_path_factory):
         # indexed, the query agent is assigned its partitions too
         await asyncio.to_thread(worker.wait_events, len(DOCS), 240)
         async with QueryClient(bootstrap, queries_topic=queries, replies_topic=replies) as client:
+            # the client creates each tenant's reply topic (the worker never creates one); a token of one
+            # tenant asking as the other is answered on the token's tenant's topic, so read both from the start
+            for tenant in ("acme", "globex"):
+                await client.listen(tenant)
             yield Served(bootstrap, worker, client, replies)
     finally:
         code = await asyncio.to_thread(worker.terminate)
@@ -231,9 +242,16 @@ async def test_errors(served, case, code):
 
 
 async def test_unreadable_request_gets_a_bad_request_reply(served):
+    # unreadable and naming no reply topic of its tenant: dropped (the server has nowhere it may write)
+    request_id = uuid.uuid4().hex
+    served.expect_none.add(request_id)
+    with pytest.raises(TimeoutError):
+        await served.client.send_raw(request_id.encode(), b'{"request_id": "', request_id=request_id, timeout=3)
+    # invalid, but naming its tenant and that tenant's own reply topic: one bad_request reply there
     request_id = uuid.uuid4().hex
     served.expect_one.add(request_id)
-    reply = await served.client.send_raw(request_id.encode(), b'{"request_id": "', request_id=request_id, timeout=60)
+    body = {"request_id": request_id, "tenant_id": "acme", "reply_topic": f"{served.replies_prefix}.acme"}
+    reply = await served.client.send_raw(request_id.encode(), json.dumps(body).encode(), request_id=request_id)
     assert isinstance(reply, QueryFailure) and reply.error.code == ErrorCode.BAD_REQUEST
     # a query text above the contract's limit (the client would refuse to build it: send the JSON as is)
     body = served.client.new_request("placeholder", tenant="acme", token=served.token(), timeout=60).model_dump()
@@ -275,9 +293,32 @@ async def test_burst_overload_is_answered_not_queued(served):
     assert texts > batches, "some micro-batch held more than one query"
 
 
+async def test_no_topic_appears_and_serving_goes_on(served):
+    """Requests without a token naming reply topics that do not exist, a few with a valid token naming another
+    tenant's topic: no topic appears (on Tansu a produce would create it), and queries keep being served."""
+    ghost = f"ghost-{uuid.uuid4().hex[:8]}"
+    topics = [f"{served.replies_prefix}.{ghost}-{i}" for i in range(30)]
+    for i, topic in enumerate(topics):
+        req = served.client.new_request("password", tenant=f"{ghost}-{i}", token="", timeout=30).model_dump()
+        req["reply_topic"] = topic
+        served.expect_none.add(req["request_id"])
+        await served.client.publish_only(req["request_id"].encode(), json.dumps(req).encode())
+    assert (await served.docs())[0] == "pw"
+    consumer = AIOKafkaConsumer(bootstrap_servers=served.bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        present = await consumer.topics()
+    finally:
+        await consumer.stop()
+    assert not [t for t in present if ghost in t], "a request made a topic appear"
+    failed = served.worker.metrics() or {}
+    assert failed.get("vectorstream_query_replies_failed_total{reason=unknown_topic}", 0) >= len(topics)
+
+
 async def test_zz_every_request_got_exactly_one_reply(served):
     consumer = AIOKafkaConsumer(
-        served.replies_topic,
+        f"{served.replies_prefix}.acme",
+        f"{served.replies_prefix}.globex",
         bootstrap_servers=served.bootstrap,
         group_id=None,
         auto_offset_reset="earliest",
@@ -285,6 +326,7 @@ async def test_zz_every_request_got_exactly_one_reply(served):
     )
     await consumer.start()
     seen: dict[str, int] = {}
+    topics: dict[str, str] = {}
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not served.expect_one <= set(seen):
@@ -295,6 +337,7 @@ async def test_zz_every_request_got_exactly_one_reply(served):
                     assert r.key.decode() == request_id
                     assert json.loads(r.value)["request_id"] == request_id
                     seen[request_id] = seen.get(request_id, 0) + 1
+                    topics[request_id] = r.topic
         for records in (await consumer.getmany(timeout_ms=1000)).values():
             for r in records:
                 request_id = dict(r.headers)[CORRELATION_HEADER].decode()
@@ -304,3 +347,7 @@ async def test_zz_every_request_got_exactly_one_reply(served):
     assert served.expect_one and served.expect_none
     assert {rid: seen.get(rid, 0) for rid in served.expect_one} == dict.fromkeys(served.expect_one, 1)
     assert not served.expect_none & set(seen)
+    assert {rid: topics[rid] for rid in served.tenant_of} == {
+        rid: f"{served.replies_prefix}.{tenant}" for rid, tenant in served.tenant_of.items()
+    }
+    assert "globex" in served.tenant_of.values()

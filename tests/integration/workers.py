@@ -56,6 +56,8 @@ class WorkerProcess:
             "VECTORSTREAM_INGEST__MAX_BATCH_WAIT_SECONDS": "0.2",
             "VECTORSTREAM_KAFKA__SESSION_TIMEOUT_SECONDS": "3",
             "VECTORSTREAM_KAFKA__HEARTBEAT_INTERVAL_SECONDS": "1",
+            # tests mint tokens with the development secret unless they configure keys of their own
+            "VECTORSTREAM_QUERY__DEV_MODE": "true",
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None

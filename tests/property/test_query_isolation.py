@@ -233,13 +233,15 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
                 "token": token,
                 "query": f"q{caller['seed']}",
                 "top_k": cfg.query.max_top_k,
-                "reply_topic": cfg.kafka.replies_topic,
+                "reply_topic": f"{cfg.kafka.replies_topic}.{tenants[caller['claimed_tenant']]}",
                 "deadline_ms": int(time.time() * 1000) + 60_000,
                 "search": {"exact": caller["exact"]},
             }
             if caller["filter"] is not None:
                 body["filter"] = caller["filter"]
             reply = await service.handle(body["request_id"].encode(), json.dumps(body).encode())
+            # every reply goes to the verified tenant's own topic, never to the one a request names
+            assert reply.topic == f"{cfg.kafka.replies_topic}.{tenants[caller['tenant']]}"
             if caller["claimed_tenant"] != caller["tenant"]:
                 assert isinstance(reply.body, QueryFailure) and reply.body.error.code == ErrorCode.TENANT_MISMATCH
                 continue

@@ -112,13 +112,103 @@ def test_rs256_with_a_public_key_and_no_algorithm_confusion(tmp_path):
     assert code_of(v, wrong) == ErrorCode.UNAUTHENTICATED
 
 
-def test_settings_need_a_key_and_a_long_secret():
-    with pytest.raises(ValueError):
-        QuerySettings(hs256_secret="", public_key=None)
+def test_no_key_no_dev_secret_outside_dev_mode_and_a_long_secret():
+    from pipeline.errors import ConfigurationError
+
     with pytest.raises(ValueError):
         QuerySettings(hs256_secret="short")
-    assert TokenVerifier(QuerySettings()).uses_dev_secret
-    assert QuerySettings().hs256_secret.get_secret_value() == DEV_HS256_SECRET
+    # nothing configured: nothing can verify a token, so a query worker must not start
+    assert QuerySettings().hs256_key() == ""
+    with pytest.raises(ConfigurationError, match="no key"):
+        TokenVerifier(QuerySettings())
+    # the secret printed in the source is refused unless development mode says so ...
+    with pytest.raises(ConfigurationError, match="development secret"):
+        TokenVerifier(QuerySettings(hs256_secret=DEV_HS256_SECRET))
+    # ... also next to a public key (the outsider's token of the issue was HS256 with that secret)
+    _, public = rsa_pair()
+    with pytest.raises(ConfigurationError, match="development secret"):
+        TokenVerifier(QuerySettings(hs256_secret=DEV_HS256_SECRET, public_key=public))
+    dev = QuerySettings(dev_mode=True)
+    assert dev.hs256_key() == DEV_HS256_SECRET and TokenVerifier(dev).uses_dev_secret
+    assert TokenVerifier(dev).verify(mint_token(dev, tenant="acme", user="a")).tenant_id == "acme"
+    # an explicit secret wins over dev mode
+    assert not TokenVerifier(QuerySettings(hs256_secret=SECRET, dev_mode=True)).uses_dev_secret
+
+
+def test_a_token_signed_with_the_dev_secret_is_refused_by_a_configured_worker():
+    _, public = rsa_pair()
+    v = TokenVerifier(QuerySettings(public_key=public))
+    outsider = mint_token(QuerySettings(dev_mode=True), tenant="acme", user="mallory", groups=["admins"])
+    assert v.algorithms == ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+    assert code_of(v, outsider) == ErrorCode.UNAUTHENTICATED
+
+
+def test_the_algorithm_allow_list_follows_configuration():
+    from pipeline.errors import ConfigurationError
+
+    private, public = rsa_pair()
+    both = QuerySettings(hs256_secret=SECRET, public_key=public)
+    assert set(TokenVerifier(both).algorithms) == {"HS256", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+    only_rs256 = both.model_copy(update={"algorithms": "RS256"})
+    v = TokenVerifier(only_rs256)
+    assert v.algorithms == ("RS256",)
+    assert code_of(v, mint_token(both, tenant="acme", user="a")) == ErrorCode.UNAUTHENTICATED  # HS256 now off
+    assert code_of(v, mint_token(both, tenant="acme", user="a", private_key=private, algorithm="PS256")) == (
+        ErrorCode.UNAUTHENTICATED
+    )
+    assert v.verify(mint_token(both, tenant="acme", user="a", private_key=private)).user == "a"
+    with pytest.raises(ConfigurationError, match="no key for them"):
+        TokenVerifier(QuerySettings(hs256_secret=SECRET, algorithms="RS256"))
+    with pytest.raises(ConfigurationError, match="not a PEM public key"):
+        TokenVerifier(QuerySettings(public_key="-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"))
+
+
+def test_es256_public_key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    cfg = QuerySettings(public_key=public)
+    v = TokenVerifier(cfg)
+    assert v.algorithms == ("ES256",)
+    assert v.verify(mint_token(cfg, tenant="acme", user="e", private_key=private, algorithm="ES256")).user == "e"
+
+
+def test_token_lifetime_is_capped_and_time_claims_are_numbers(cfg):
+    v = TokenVerifier(cfg)
+    now = int(time.time())
+    base = {"sub": "alice", "tenant": "acme", "iss": cfg.issuer, "aud": cfg.audience}
+
+    def signed(**claims):
+        return jwt.encode({**base, **claims}, SECRET, algorithm="HS256")
+
+    assert v.verify(signed(iat=now, exp=now + 24 * 3600)).user == "alice"
+    assert v.verify(signed(exp=now + 3600)).user == "alice"  # no iat: counted from now
+    for bad in (
+        {"iat": now, "exp": 253402300799},  # the year 9999
+        {"exp": 253402300799},
+        {"iat": now, "exp": now + 24 * 3600 + 1},
+        {"iat": now - 48 * 3600, "exp": now + 60},  # issued long ago, still a 48 h token
+        {"exp": str(now + 60)},  # a numeric string: PyJWT alone accepts it
+        {"iat": str(now), "exp": now + 60},
+        {"nbf": str(now), "exp": now + 60},
+        {"exp": True},
+        {"exp": now + 60, "iat": [now]},
+    ):
+        assert code_of(v, signed(**bad)) in (ErrorCode.UNAUTHENTICATED, ErrorCode.TOKEN_EXPIRED), bad
+        assert code_of(v, signed(**bad)) == ErrorCode.UNAUTHENTICATED or bad == {"exp": True}, bad
+    short = TokenVerifier(cfg.model_copy(update={"max_token_lifetime_seconds": 600}))
+    assert code_of(short, signed(iat=now, exp=now + 601)) == ErrorCode.UNAUTHENTICATED
+    assert short.verify(signed(iat=now, exp=now + 600)).user == "alice"
+    with pytest.raises(ValueError):
+        QuerySettings(hs256_secret=SECRET, max_token_lifetime_seconds=600, dev_token_ttl_seconds=3600)
 
 
 def test_query_settings_from_the_environment(monkeypatch):

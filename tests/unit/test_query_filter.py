@@ -66,7 +66,7 @@ def test_reserved_fields_and_paths_are_forbidden(key):
         caller_filter({"should": [{"key": key, "range": {"gt": 1}}]})
 
 
-@pytest.mark.parametrize("key", ["Year", "1year", "year-2", "y" * 65, " year", "é"])
+@pytest.mark.parametrize("key", ["Year", "1year", "year-2", "y" * 65, " year", "é", "lang\n", "year\n\n", "\nlang"])
 def test_keys_that_are_not_metadata_keys_are_bad_requests(key):
     with pytest.raises(FilterError) as info:
         meta_key(key)
@@ -90,6 +90,33 @@ def test_keys_that_are_not_metadata_keys_are_bad_requests(key):
 def test_malformed_filters_fail_validation(bad):
     with pytest.raises(ValidationError):
         caller_filter(bad)
+
+
+@pytest.mark.parametrize(
+    "bad,says",
+    [
+        ({"must": [{"key": "year", "match": 2**63}]}, "64-bit"),
+        ({"must": [{"key": "year", "match": -(2**63) - 1}]}, "64-bit"),
+        ({"should": [{"key": "year", "any": [1, 2**64]}]}, "64-bit"),
+        ({"must_not": [{"key": "year", "any": ["a", 1]}]}, "mixes strings and integers"),
+        ({"must": [{"key": "year", "any": [1, "1"]}]}, "mixes strings and integers"),
+    ],
+)
+def test_values_the_store_cannot_take_are_bad_requests(bad, says):
+    with pytest.raises(FilterError, match=says) as info:
+        caller_filter(bad)
+    assert not info.value.forbidden
+
+
+def test_values_at_the_limits_are_fine():
+    flt = caller_filter(
+        {
+            "must": [{"key": "year", "match": 2**63 - 1}, {"key": "n", "match": -(2**63)}],
+            "should": [{"key": "tags", "any": ["a", "b"]}, {"key": "ids", "any": [1, 2]}],
+            "must_not": [{"key": "lang", "match": "x" * 1024}],
+        }
+    )
+    assert flt is not None and len(flt.must) == 2
 
 
 def test_search_filter_ands_tenant_access_and_caller():

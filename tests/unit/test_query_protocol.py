@@ -45,7 +45,7 @@ def raw(cfg, **over):
         "request_id": "r1",
         "tenant_id": "acme",
         "query": "q",
-        "reply_topic": cfg.kafka.replies_topic,
+        "reply_topic": f"{cfg.kafka.replies_topic}.acme",
         "deadline_ms": int(time.time() * 1000) + 5000,
         "token": mint_token(cfg.query, tenant="acme", user="u"),
         **over,
@@ -113,21 +113,154 @@ def test_reply_record_shape(cfg):
     assert isinstance(parsed, QueryFailure) and parsed.error.code == ErrorCode.UNAUTHENTICATED
 
 
+def failed(reason):
+    from pipeline import metrics as m
+
+    return m.QUERY_REPLIES_FAILED.labels(reason=reason)._value.get()
+
+
 @pytest.mark.parametrize(
-    "key,value,request_id",
+    "key,value",
     [
-        (b"k1", b"\xff\xfe", "k1"),
-        (None, b"[]", ""),
-        (b"k2", b'{"request_id": "from-body", "reply_topic": 5}', "from-body"),
-        (b"k3", None, "k3"),
-        (b"k4", b"x" * 70_000, "k4"),
+        (b"k1", b"\xff\xfe"),
+        (None, b"[]"),
+        (b"k2", b'{"request_id": "from-body", "reply_topic": 5}'),
+        (b"k3", None),
+        (b"k4", b"x" * 70_000),
+        (b"k5", b'{"request_id": "r5", "tenant_id": "acme", "reply_topic": "vectorstream.replies.globex"}'),
+        (b"k6", b'{"request_id": "r6", "reply_topic": "vectorstream.replies.acme"}'),
+        (b"k7", b'{"request_id": "r7", "tenant_id": "ac me", "reply_topic": "vectorstream.replies.ac me"}'),
+        (b"k8", b'{"request_id": "r8", "tenant_id": "acme", "reply_topic": "vectorstream.replies"}'),
     ],
 )
-def test_unreadable_requests_still_get_a_reply(cfg, key, value, request_id):
+def test_unreadable_requests_naming_no_topic_of_their_tenant_are_dropped_and_counted(cfg, key, value):
+    """Before a token is verified the server writes only to the reply topic of the tenant a request names, and
+    only when the request named that topic: anything else is dropped (counted), never sent to a default."""
     svc = QueryService(cfg, NoStore(), NoEmbedder(), sink=None)
-    reply = svc.admit(key, value)
+    before = failed("no_reply_topic")
+    assert svc.admit(key, value) is None
+    assert failed("no_reply_topic") == before + 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"request_id": "r1", "tenant_id": "acme", "reply_topic": "vectorstream.replies.acme"}',
+        b'{"request_id": "r1", "tenant_id": "acme", "reply_topic": "vectorstream.replies.acme", "query": ""}',
+        b'{"request_id": "r1", "tenant_id": "acme", "reply_topic": "vectorstream.replies.acme", "x": "'
+        + b"1" * 70_000
+        + b'"}',
+    ],
+)
+def test_unreadable_requests_naming_their_tenants_topic_get_one_error_there(cfg, value):
+    svc = QueryService(cfg, NoStore(), NoEmbedder(), sink=None)
+    reply = svc.admit(b"k", value)
     assert isinstance(reply, Reply) and reply.body.error.code == ErrorCode.BAD_REQUEST
-    assert reply.request_id == request_id and reply.topic == cfg.kafka.replies_topic
+    assert reply.topic == "vectorstream.replies.acme"
+    assert reply.request_id == "r1"  # salvaged from the body
+
+
+def test_unauthenticated_requests_are_answered_only_on_the_named_tenants_own_topic(cfg):
+    svc = QueryService(cfg, NoStore(), NoEmbedder(), sink=None)
+    reply = svc.admit(*raw(cfg, token=None))
+    assert isinstance(reply, Reply) and reply.body.error.code == ErrorCode.UNAUTHENTICATED
+    assert reply.topic == "vectorstream.replies.acme"
+    # naming another tenant's topic, or a topic under the prefix that is nobody's: no reply at all
+    for topic in ("vectorstream.replies.globex", "vectorstream.replies.acme.x", "vectorstream.replies"):
+        assert svc.admit(*raw(cfg, token=None, reply_topic=topic)) is None, topic
+
+
+def test_a_verified_tenant_gets_replies_on_its_own_topic_only(cfg):
+    svc = QueryService(cfg, NoStore(), NoEmbedder(), sink=None)
+    for topic in ("vectorstream.replies.globex", "vectorstream.replies.acme.mine", "vectorstream.replies"):
+        reply = svc.admit(*raw(cfg, reply_topic=topic))
+        assert isinstance(reply, Reply) and reply.body.error.code == ErrorCode.BAD_REQUEST, topic
+        assert reply.topic == "vectorstream.replies.acme" and "not allowed" in reply.body.error.message
+    # a token of acme asking as globex: refused, on acme's topic (the verified tenant's), never globex's
+    mismatch = svc.admit(*raw(cfg, tenant_id="globex", reply_topic="vectorstream.replies.globex"))
+    assert isinstance(mismatch, Reply) and mismatch.body.error.code == ErrorCode.TENANT_MISMATCH
+    assert mismatch.topic == "vectorstream.replies.acme"
+    assert svc.admitted == 0
+
+
+class Sink:
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.sent = []
+
+    async def send(self, reply):
+        await self.behaviour(reply)
+        self.sent.append(reply)
+
+
+async def test_undeliverable_replies_are_counted_dropped_and_never_raise(cfg):
+    from pipeline.query import UnknownReplyTopic
+
+    async def hang(reply):
+        await asyncio.sleep(3600)
+
+    async def unknown(reply):
+        raise UnknownReplyTopic(reply.topic)
+
+    async def broken(reply):
+        raise RuntimeError("broker says no")
+
+    quick = cfg.model_copy(update={"query": cfg.query.model_copy(update={"reply_timeout_seconds": 0.05})})
+    for behaviour, reason in ((hang, "timeout"), (unknown, "unknown_topic"), (broken, "broker_error")):
+        svc = QueryService(quick, NoStore(), NoEmbedder(), Sink(behaviour))
+        reply = svc.admit(*raw(quick, token=None))
+        before = failed(reason)
+        assert await svc.send(reply) is False
+        assert failed(reason) == before + 1, reason
+
+
+async def test_error_replies_beyond_the_backlog_are_dropped(cfg):
+    gate = asyncio.Event()
+
+    async def wait(reply):
+        await gate.wait()
+
+    small = cfg.model_copy(update={"query": cfg.query.model_copy(update={"max_pending_replies": 2})})
+    sink = Sink(wait)
+    svc = QueryService(small, NoStore(), NoEmbedder(), sink)
+    before = failed("backlog")
+    tasks = [svc.send_later(svc.admit(*raw(small, token=None))) for _ in range(3)]
+    assert tasks[0] is not None and tasks[1] is not None and tasks[2] is None
+    assert failed("backlog") == before + 1 and svc.pending_replies == 2
+    gate.set()
+    assert await asyncio.gather(tasks[0], tasks[1]) == [True, True]
+    assert len(sink.sent) == 2 and svc.pending_replies == 0
+
+
+async def test_the_admission_slot_is_free_before_the_reply_is_produced(cfg):
+    """A reply that hangs (a broker that never confirms) must not hold the admission slot of its request."""
+
+    class OneHitStore:
+        async def search(self, *a, **kw):
+            return []
+
+    class Embedder:
+        name = "e"
+
+        async def encode_query(self, texts):
+            return np.zeros((len(texts), 4), dtype=np.float32)
+
+    seen = []
+    svc = None
+
+    async def record(reply):
+        seen.append(svc.admitted)
+        await asyncio.sleep(3600)
+
+    quick = cfg.model_copy(update={"query": cfg.query.model_copy(update={"reply_timeout_seconds": 0.2})})
+    svc = QueryService(quick, OneHitStore(), Embedder(), Sink(record))
+    job = svc.admit(*raw(quick))
+    assert isinstance(job, Admitted) and svc.admitted == 1
+    before = failed("timeout")
+    reply = await svc.run(job)
+    assert reply.ok and seen == [0] and svc.admitted == 0
+    assert failed("timeout") == before + 1
+    await svc.close()
 
 
 def test_invalid_request_with_a_passed_deadline_is_dropped(cfg):
