@@ -162,6 +162,7 @@ def measure_end_to_end(
     tree: Path | None = None,
 ) -> tuple[Measured, dict[str, Any]]:
     """Wall time from the first event published to the worker's metrics showing every event processed."""
+    scratch.mkdir(parents=True, exist_ok=True)
     worker = start_worker(bootstrap, store_path or scratch / "edge", scratch / "worker.log", extra_env, tree)
     try:
         say("worker starting; warming it up with one document")
