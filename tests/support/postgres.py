@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -24,7 +25,7 @@ from psycopg import sql
 
 from pipeline.embedded_broker import _die_with_parent, _free_port
 
-__all__ = ["APP_ROLE", "PostgresServer", "PostgresUnavailable", "pgserver_install"]
+__all__ = ["APP_ROLE", "PostgresServer", "PostgresUnavailable", "pgserver_install", "session_server"]
 
 LOCALHOST = "127.0.0.1"
 #: the role the product connects as in tests: a login that owns its databases but is neither a superuser nor
@@ -368,3 +369,24 @@ class PostgresServer:
         with psycopg.connect(self.url_for(SUPERUSER, TEMPLATE_DB), autocommit=True) as template:
             template.execute("CREATE EXTENSION IF NOT EXISTS vector")
         self._first_start = False
+
+
+def session_server() -> Iterator[PostgresServer]:
+    """A pytest session fixture's body: start the server; a missing prerequisite skips, except under CI=true."""
+    import pytest
+
+    server = PostgresServer(quiet=True)
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        server.close()
+        if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+            pytest.fail(f"PostgreSQL + pgvector is required when CI=true but cannot start: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL + pgvector unavailable here: {exc}")
+    except BaseException:
+        server.close()
+        raise
+    try:
+        yield server
+    finally:
+        server.close()
