@@ -532,7 +532,7 @@ class PgVectorStore(VectorStore):
 
     async def search(
         self,
-        vector: Sequence[float],
+        vector: Sequence[float] | np.ndarray[Any, Any],
         *,
         flt: Filter | None,
         limit: int,

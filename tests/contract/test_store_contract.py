@@ -342,6 +342,19 @@ async def test_scroll_pages_and_limits(store: VectorStore) -> None:
     assert {h.id for h in await store.scroll()} == {p.id for p in points}
 
 
+async def test_write_batch_writes_chunks_removes_leftovers_and_records_states(store: VectorStore) -> None:
+    rng = np.random.default_rng(12)
+    await store.upsert_chunks([chunk("t1", "d1", i, v, version=1) for i, v in enumerate(unit_vectors(rng, 4))])
+    await store.upsert_chunks([chunk("t1", "gone", 0, np.ones(DIM))])
+    new = [chunk("t1", "d1", i, v, version=2) for i, v in enumerate(unit_vectors(rng, 2))]
+    states = [DocState("t1", "d1", 2, chunk_count=2, chunk_hashes=("a", "b")), DocState("t1", "gone", 3, deleted=True)]
+    await store.write_batch(points=new, leftovers=[("t1", "d1", 2)], deletes=[("t1", "gone")], states=states)
+    left = sorted((h.payload[DOC], h.payload[CHUNK_INDEX], h.payload[VERSION]) for h in await store.scroll())
+    assert left == [("d1", 0, 2), ("d1", 1, 2)]
+    assert await store.get_doc_states([("t1", "d1"), ("t1", "gone")]) == {(s.tenant_id, s.doc_id): s for s in states}
+    await store.write_batch()  # nothing to write is fine
+
+
 # --- registry -----------------------------------------------------------------------------------------------
 
 
