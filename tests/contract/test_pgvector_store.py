@@ -231,3 +231,24 @@ async def test_a_serialization_failure_is_retriable() -> None:
     assert isinstance(_translate(error, "db"), StoreUnavailableError)
     assert _translate(error, "db").retriable
     assert not isinstance(_translate(psycopg.errors.UndefinedColumn("no"), "db"), StoreUnavailableError)
+
+
+# --- recall -------------------------------------------------------------------------------------------------
+
+
+async def test_the_recall_sweep_runs_on_pgvector(store: PgVectorStore) -> None:
+    """What `vectorstream recall` does (pipeline.recall): stored vectors as queries, each filtered to its tenant,
+    HNSW at several ef against the exact scan."""
+    from pipeline.recall import measure, sample_cases
+
+    rng = np.random.default_rng(5)
+    vectors = unit_vectors(rng, 1500)
+    await store.upsert_chunks([chunk(f"t{i % 3}", f"d{i}", 0, v) for i, v in enumerate(vectors)])
+    await store.build_index()
+    cases = await sample_cases(store, n=30, seed=1)
+    assert len(cases) == 30
+    assert all(isinstance(c.flt.must[0], Match) and c.flt.must[0].key == TENANT for c in cases)
+    rows = await measure(store, cases, k=10, efs=(10, 200), progress=False)
+    exact, low, high = rows
+    assert exact.ef is None and (low.ef, high.ef) == (10, 200)
+    assert high.recall >= 0.95 and high.recall >= low.recall
