@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 COLLECTIONS_TABLE = "vectorstream_collections"
 #: a collection name becomes table and index names: PostgreSQL cuts identifiers at 63 bytes
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+#: the advisory lock start-up takes, transaction-scoped
+_BOOTSTRAP_LOCK = "vectorstream:bootstrap"
 #: pgvector's hnsw.ef_search range
 _EF_MAX = 1000
 #: the settings the Row-Level Security policies read, set per transaction (``set_config(..., true)``)
@@ -218,9 +220,9 @@ class PgVectorStore(VectorStore):
     async def _bootstrap(self, conn: psycopg.AsyncConnection[Any], model: str, dim: int) -> None:
         """Create what is missing, under an advisory lock so that workers starting together do not race."""
         async with conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"vectorstream:{self._collection}",)
-            )
+            # one key for every collection: CREATE EXTENSION / CREATE TABLE IF NOT EXISTS racing each other can
+            # still fail on the catalogs' unique indexes, whichever collection they are for
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_BOOTSTRAP_LOCK,))
             await self._ensure_extension(conn)
             await conn.execute(
                 sql.SQL(

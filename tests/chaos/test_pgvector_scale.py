@@ -87,14 +87,20 @@ async def test_two_workers_on_pgvector_scaled_one_two_one_each_partition_consume
             lambda: set(handled(first)) == everything, timeout=300, what="one worker consuming all", workers=[first]
         )
         second = sc.worker(env).start()  # 1 -> 2 while the second part trickles in and is being ingested
-        trickle = list(parts[1])
-        while trickle and not any(k.startswith("vectorstream_consumer_lag_messages{") for k in second.metrics() or {}):
-            produced += await sc.produce(trickle[:3])
-            del trickle[:3]
+        rest = parts[1] + parts[2]
+        trickled = 0
+        while trickled < len(parts[1]) and not any(
+            k.startswith("vectorstream_consumer_lag_messages{") for k in second.metrics() or {}
+        ):
+            produced += await sc.produce(rest[trickled : trickled + 3])
+            trickled += 3
             await asyncio.sleep(1.0)
         await wait_consuming(second)
-        joined_at = {"first": handled(first), "trickled": len(parts[1]) - len(trickle)}
-        produced += await sc.produce(trickle)  # the rest with both workers in the group
+        joined_at = {"first": handled(first), "trickled": trickled}
+        # with both workers in the group: the rest of the second part, and at least 40 records whatever the
+        # trickle used up while the second worker started (a slow machine)
+        cut = max(len(parts[1]), trickled + 40)
+        produced += await sc.produce(rest[trickled:cut])
         await eventually(
             lambda: sum(handled(second).values()) >= 1,
             timeout=300,
@@ -102,7 +108,7 @@ async def test_two_workers_on_pgvector_scaled_one_two_one_each_partition_consume
             workers=[first, second],
         )
         both = {"first": handled(first), "second": handled(second)}
-        produced += await sc.produce(parts[2])
+        produced += await sc.produce(rest[cut:])
         first_share = handled(first)
         assert await asyncio.to_thread(first.terminate) == 0  # 2 -> 1 with the last part in flight
         await eventually(

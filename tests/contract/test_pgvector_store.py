@@ -163,8 +163,9 @@ async def test_write_batch_is_all_or_nothing(store: PgVectorStore) -> None:
 
 async def test_stores_opening_together_do_not_race(pg_url: str) -> None:
     stores = [PgVectorStore(pg_url, "shared", hnsw=HNSW) for _ in range(4)]
+    others = [PgVectorStore(pg_url, f"other_{i}", hnsw=HNSW) for i in range(2)]  # first use of the database too
     try:
-        infos = await asyncio.gather(*(s.open(model=MODEL, dim=DIM) for s in stores))
+        infos = await asyncio.gather(*(s.open(model=MODEL, dim=DIM) for s in stores + others))
         assert {(i.model, i.dim) for i in infos} == {(MODEL, DIM)}
         await stores[0].upsert_chunks([chunk("a", "d", 0, np.ones(DIM))])
         assert [await s.count() for s in stores] == [1, 1, 1, 1]  # they all see one table
@@ -174,7 +175,7 @@ async def test_stores_opening_together_do_not_race(pg_url: str) -> None:
             )
             assert await cur.fetchone() == (1,)
     finally:
-        for s in stores:
+        for s in stores + others:
             await s.close()
 
 
