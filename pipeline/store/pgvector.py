@@ -409,6 +409,9 @@ class PgVectorStore(VectorStore):
                 " VALUES (%s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (tenant_id, doc_id) DO UPDATE SET version = EXCLUDED.version,"
                 " deleted = EXCLUDED.deleted, chunk_count = EXCLUDED.chunk_count, chunk_hashes = EXCLUDED.chunk_hashes"
+                # a document's state only moves forward (every applied op raises (version, deleted)): a worker
+                # still finishing a batch after a rebalance cannot set back what the partition's new owner wrote
+                " WHERE (r.version, r.deleted) <= (EXCLUDED.version, EXCLUDED.deleted)"
             ).format(r=self._registry),
             [
                 (s.tenant_id, s.doc_id, int(s.version), bool(s.deleted), int(s.chunk_count), list(s.chunk_hashes))
@@ -428,12 +431,13 @@ class PgVectorStore(VectorStore):
     async def _upsert(self, cur: psycopg.AsyncCursor[Any], rows: list[tuple[Any, ...]]) -> None:
         await cur.executemany(
             sql.SQL(
-                "INSERT INTO {c} (id, tenant_id, doc_id, version, acl_public, acl_users, acl_groups, payload,"
+                "INSERT INTO {c} AS c (id, tenant_id, doc_id, version, acl_public, acl_users, acl_groups, payload,"
                 " embedding)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, doc_id = EXCLUDED.doc_id,"
                 " version = EXCLUDED.version, acl_public = EXCLUDED.acl_public, acl_users = EXCLUDED.acl_users,"
                 " acl_groups = EXCLUDED.acl_groups, payload = EXCLUDED.payload, embedding = EXCLUDED.embedding"
+                " WHERE c.version IS NULL OR EXCLUDED.version IS NULL OR c.version <= EXCLUDED.version"
             ).format(c=self._chunks),
             rows,
         )
@@ -487,9 +491,21 @@ class PgVectorStore(VectorStore):
         states: Sequence[DocState] = (),
     ) -> None:
         """One batch's writes in ONE transaction: new chunks, removal of older versions' leftovers, deleted
-        documents' chunks, and the registry records. Either all of it is visible, or none of it."""
+        documents' chunks, and the registry records. Either all of it is visible, or none of it.
+
+        Each document in ``states`` is locked for the transaction (an advisory lock on its key) and its writes
+        are dropped when the registry already holds a newer state: a worker that lost the partition in a
+        rebalance but is still finishing its batch cannot delete or overwrite what the new owner wrote since.
+        """
         rows = [self._row(p) for p in points]
         async with self._tx(_ALL) as cur:
+            superseded = await self._superseded(cur, states)
+            if superseded:
+                log.info("skipping %d documents a newer write superseded (a rebalance's overlap)", len(superseded))
+                rows = [r for r in rows if (r[1], r[2]) not in superseded]
+                leftovers = [x for x in leftovers if (x[0], x[1]) not in superseded]
+                deletes = [x for x in deletes if (x[0], x[1]) not in superseded]
+                states = [x for x in states if (x.tenant_id, x.doc_id) not in superseded]
             if rows:
                 await self._upsert(cur, rows)
             for tenant_id, doc_id, below in leftovers:
@@ -498,6 +514,27 @@ class PgVectorStore(VectorStore):
                 await self._delete(cur, tenant_id, doc_id, None)
             if states:
                 await self._put_states(cur, states)
+
+    async def _superseded(self, cur: psycopg.AsyncCursor[Any], states: Sequence[DocState]) -> set[tuple[str, str]]:
+        """Lock the documents (in one order, so two writers cannot deadlock) and return those whose stored
+        (version, deleted) is above the one about to be written."""
+        if not states:
+            return set()
+        new = {(s.tenant_id, s.doc_id): (int(s.version), bool(s.deleted)) for s in states}
+        keys = sorted(new)
+        await cur.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(k, 1)) FROM unnest(%s::text[]) WITH ORDINALITY AS t(k, i)"
+            " ORDER BY i",
+            ([f"{t}\x1f{d}" for t, d in keys],),
+        )
+        await cur.execute(
+            sql.SQL(
+                "SELECT r.tenant_id, r.doc_id, r.version, r.deleted FROM {} r"
+                " JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, doc_id) USING (tenant_id, doc_id)"
+            ).format(self._registry),
+            ([t for t, _ in keys], [d for _, d in keys]),
+        )
+        return {(t, d) for t, d, v, deleted in await cur.fetchall() if (int(v), bool(deleted)) > new[(t, d)]}
 
     async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
         wanted = []

@@ -253,3 +253,41 @@ async def test_the_recall_sweep_runs_on_pgvector(store: PgVectorStore) -> None:
     exact, low, high = rows
     assert exact.ef is None and (low.ef, high.ef) == (10, 200)
     assert high.recall >= 0.95 and high.recall >= low.recall
+
+
+# --- a rebalance's overlap: the partition's old owner still finishing a batch ------------------------------
+
+
+async def test_a_superseded_write_batch_changes_nothing(store: PgVectorStore) -> None:
+    rng = np.random.default_rng(6)
+    v3 = [chunk("a", "d", i, v, version=3) for i, v in enumerate(unit_vectors(rng, 2))]
+    await store.write_batch(points=v3, leftovers=[("a", "d", 3)], states=[DocState("a", "d", 3, chunk_count=2)])
+    # the old owner's batch: an older delete of the same document, and an older upsert of another it wrote first
+    other_v1 = [chunk("a", "e", 0, np.ones(DIM), version=1)]
+    await store.write_batch(points=other_v1, states=[DocState("a", "e", 1, chunk_count=1)])
+    await store.write_batch(
+        points=[chunk("a", "e", 0, np.ones(DIM), version=2)], states=[DocState("a", "e", 2, chunk_count=1)]
+    )
+    await store.write_batch(
+        points=other_v1,
+        deletes=[("a", "d")],
+        states=[DocState("a", "d", 2, deleted=True), DocState("a", "e", 1, chunk_count=1)],
+    )
+    versions = sorted((h.payload["doc_id"], h.payload["version"]) for h in await store.scroll())
+    assert versions == [("d", 3), ("d", 3), ("e", 2)]
+    states = await store.get_doc_states([("a", "d"), ("a", "e")])
+    assert (states[("a", "d")].version, states[("a", "d")].deleted) == (3, False)
+    assert states[("a", "e")].version == 2
+    # a tombstone at the same version is newer than the live state (the ingest rules' order), and applies
+    await store.write_batch(deletes=[("a", "d")], states=[DocState("a", "d", 3, deleted=True)])
+    assert {h.payload["doc_id"] for h in await store.scroll()} == {"e"}
+
+
+async def test_the_registry_and_chunks_never_move_backwards(store: PgVectorStore) -> None:
+    await store.put_doc_states([DocState("a", "d", 5, chunk_count=1)])
+    await store.put_doc_states([DocState("a", "d", 4, chunk_count=9)])
+    assert (await store.get_doc_states([("a", "d")]))[("a", "d")].version == 5
+    await store.upsert_chunks([chunk("a", "d", 0, np.ones(DIM), version=5)])
+    await store.upsert_chunks([chunk("a", "d", 0, -np.ones(DIM), version=4)])
+    (hit,) = await store.scroll()
+    assert hit.payload["version"] == 5
