@@ -324,25 +324,37 @@ class IngestService:
         deletes = [op for op in ops if op.is_delete]
 
         new_states: list[DocState] = []
+        points: list[ChunkPoint] = []
+        older: list[tuple[str, str, int]] = []
         embedded = reused = 0
         if upserts:
-            upserts, embedded, reused, rejected = await self._write_upserts(upserts, states)
+            upserts, points, embedded, reused, rejected = await self._plan_upserts(upserts, states)
             for op, why in rejected:
                 await self._dead_letter(op.record, why, report)
-            leftovers = await self._docs_with_older_chunks(upserts)
+            leftovers = await self._docs_with_older_chunks(upserts, {p.id for p in points})
             for op in upserts:
                 ev = op.event
                 assert isinstance(ev, DocumentUpsert)
                 if op.key in leftovers:
-                    await self.store.delete_chunks(ev.tenant_id, ev.doc_id, below_version=ev.version)
+                    older.append((ev.tenant_id, ev.doc_id, ev.version))
                 hashes = tuple(c.content_hash for c in self._chunks[op.key])
                 new_states.append(DocState(ev.tenant_id, ev.doc_id, ev.version, False, len(hashes), hashes))
         for op in deletes:
             tenant_id, doc_id = op.key
-            await self.store.delete_chunks(tenant_id, doc_id)
             new_states.append(DocState(tenant_id, doc_id, op.version, True, 0, ()))
         if new_states:
-            await self.store.put_doc_states(new_states)
+            # one call for the batch's writes (rule 5's order; one transaction where the store has them)
+            started = time.perf_counter()
+            await self.store.write_batch(
+                points=points,
+                leftovers=older,
+                deletes=[op.key for op in deletes],
+                states=new_states,
+                upsert_batch_points=self.upsert_batch_points,
+            )
+            m.UPSERT_SECONDS.observe(time.perf_counter() - started)
+            self.unindexed_points += len(points)
+            self.last_write = time.monotonic()
 
         now = time.time()
         for op in [*upserts, *deletes]:
@@ -361,10 +373,10 @@ class IngestService:
         report.chunks_embedded += embedded
         report.chunks_reused += reused
 
-    async def _write_upserts(
+    async def _plan_upserts(
         self, ops: list[_Op], states: dict[DocKey, DocState]
-    ) -> tuple[list[_Op], int, int, list[tuple[_Op, Rejected]]]:
-        """Chunk, reuse or embed, and upsert the chunks of every op; returns the ops written."""
+    ) -> tuple[list[_Op], list[ChunkPoint], int, int, list[tuple[_Op, Rejected]]]:
+        """Chunk, reuse or embed the chunks of every op; returns the ops to write and their points."""
         self._chunks: dict[DocKey, list[Chunk]] = {}
         for op in ops:
             ev = op.event
@@ -414,16 +426,11 @@ class IngestService:
                         chunk_payload(ev, chunk, model),
                     )
                 )
-        started = time.perf_counter()
-        for i in range(0, len(points), self.upsert_batch_points):
-            await self.store.upsert_chunks(points[i : i + self.upsert_batch_points])
-        m.UPSERT_SECONDS.observe(time.perf_counter() - started)
-        self.unindexed_points += len(points)
-        self.last_write = time.monotonic()
-        return ops, len(vectors) - reused, reused, rejected
+        return ops, points, len(vectors) - reused, reused, rejected
 
-    async def _docs_with_older_chunks(self, ops: list[_Op]) -> set[DocKey]:
-        """The documents that still have chunks of an older version once the new ones are written (rule 5).
+    async def _docs_with_older_chunks(self, ops: list[_Op], new_ids: set[str]) -> set[DocKey]:
+        """The documents that will still have chunks of an older version once the new ones are written (rule 5):
+        stored chunks below the new version that no new chunk overwrites (the same id).
 
         One read for the batch instead of a delete per document: a delete is a confirmed, flushed write, and
         most updates overwrite every old chunk id anyway. A truncated answer falls back to deleting for all.
@@ -440,7 +447,7 @@ class IngestService:
         hits = await self.store.scroll(flt, limit=limit)
         if len(hits) >= limit:
             return {op.key for op in ops}
-        return {(hit.payload.get(TENANT), hit.payload.get(DOC)) for hit in hits}
+        return {(hit.payload.get(TENANT), hit.payload.get(DOC)) for hit in hits if hit.id not in new_ids}
 
     async def _reusable_vectors(self, ops: list[_Op]) -> dict[tuple[DocKey, str], np.ndarray]:
         """Stored vectors of the documents' current chunks, by content hash (rule 6)."""

@@ -489,6 +489,7 @@ class PgVectorStore(VectorStore):
         leftovers: Sequence[tuple[str, str, int]] = (),
         deletes: Sequence[tuple[str, str]] = (),
         states: Sequence[DocState] = (),
+        upsert_batch_points: int = 512,
     ) -> None:
         """One batch's writes in ONE transaction: new chunks, removal of older versions' leftovers, deleted
         documents' chunks, and the registry records. Either all of it is visible, or none of it.
