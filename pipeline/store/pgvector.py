@@ -246,8 +246,11 @@ class PgVectorStore(VectorStore):
                     collection=self._collection,
                     remedy=self._remedy(),
                 )
-            for statement in self._ddl(dim):
-                await conn.execute(statement)
+            # only what is missing: even an "IF NOT EXISTS" takes its table lock first, and a worker starting
+            # beside one that is writing must not queue for (or deadlock on) the writer's tables
+            for relation, statement in self._ddl(dim):
+                if not await self._exists(conn, relation):
+                    await conn.execute(statement)
             await self._ensure_policies(conn)
             if stored is None:
                 await conn.execute(
@@ -294,6 +297,12 @@ class PgVectorStore(VectorStore):
                 "(iterative index scans); ALTER EXTENSION vector UPDATE;"
             )
 
+    @staticmethod
+    async def _exists(conn: psycopg.AsyncConnection[Any], relation: str) -> bool:
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(relation).as_string(conn),))
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
     async def _embedding_dim(self, conn: psycopg.AsyncConnection[Any]) -> int | None:
         cur = await conn.execute(
             "SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
@@ -302,13 +311,16 @@ class PgVectorStore(VectorStore):
         row = await cur.fetchone()
         return int(row[0]) if row and row[0] and row[0] > 0 else None
 
-    def _ddl(self, dim: int) -> list[sql.Composed]:
+    def _ddl(self, dim: int) -> list[tuple[str, sql.Composed]]:
+        """(relation, the statement that creates it), in creation order."""
         c, r = self._chunks, self._registry
+        name = self._collection
+        registry = f"{name}{REGISTRY_SUFFIX}"
 
         def ix(suffix: str) -> sql.Identifier:
             return sql.Identifier(f"{self._collection}_{suffix}")
 
-        return [
+        statements = [
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} ("
                 " id uuid PRIMARY KEY,"
@@ -340,6 +352,8 @@ class PgVectorStore(VectorStore):
                 " PRIMARY KEY (tenant_id, doc_id))"
             ).format(r),
         ]
+        names = [name, f"{name}_hnsw", f"{name}_doc", f"{name}_acl_users", f"{name}_acl_groups", f"{name}_payload"]
+        return list(zip([*names, registry], statements, strict=True))
 
     async def _ensure_policies(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Row-Level Security on both tables: a transaction sees the rows of the tenant it declared, or all
@@ -350,8 +364,13 @@ class PgVectorStore(VectorStore):
         for table_name in (self._collection, f"{self._collection}{REGISTRY_SUFFIX}"):
             table = sql.Identifier(table_name)
             policy = f"{table_name}_tenant"
-            await conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))
-            await conn.execute(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(table))
+            cur = await conn.execute(
+                "SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = to_regclass(%s)", (table_name,)
+            )
+            row = await cur.fetchone()
+            if not (row and row[0]):  # ALTER TABLE takes an exclusive lock: only when it changes something
+                await conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(table))
+                await conn.execute(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(table))
             cur = await conn.execute(
                 "SELECT 1 FROM pg_policy WHERE polrelid = to_regclass(%s) AND polname = %s", (table_name, policy)
             )

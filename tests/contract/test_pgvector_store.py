@@ -291,3 +291,20 @@ async def test_the_registry_and_chunks_never_move_backwards(store: PgVectorStore
     await store.upsert_chunks([chunk("a", "d", 0, -np.ones(DIM), version=4)])
     (hit,) = await store.scroll()
     assert hit.payload["version"] == 5
+
+
+async def test_a_store_opens_beside_a_writer_without_waiting_for_its_locks(store: PgVectorStore, pg_url: str) -> None:
+    """A second worker starting while the first writes: its start-up must not need the tables' locks (an
+    ALTER TABLE there once deadlocked against a writer's transaction)."""
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as writer:
+        async with writer.transaction():
+            await writer.execute("SELECT set_config(%s, 'on', true)", (ALL_TENANTS_SETTING,))
+            await writer.execute("INSERT INTO chunks__registry (tenant_id, doc_id, version) VALUES ('a', 'x', 1)")
+            await writer.execute("UPDATE chunks SET version = version")  # row-exclusive locks on both tables
+            second = PgVectorStore(pg_url, "chunks", hnsw=HNSW, timeout_seconds=5)
+            try:
+                async with asyncio.timeout(5):
+                    info = await second.open(model=MODEL, dim=DIM)
+            finally:
+                await second.close()
+    assert info.model == MODEL
