@@ -454,26 +454,29 @@ class IngestService:
     # --- write: the plan's writes, idempotent, in the order of rule 5 ------------------------------------------
 
     async def _write(self, plan: BatchPlan) -> None:
-        """One attempt at the plan's writes; a retry runs it again from the start, which is safe (rule 1)."""
+        """One attempt at the plan's writes; a retry runs it again from the start, which is safe (rule 1).
+
+        The writes go to the store as one ``write_batch`` call in rule 5's order (new chunks, then older
+        versions' leftovers, then deleted documents, then the registry): one transaction where the store has
+        them (pgvector), the same sequence of confirmed writes on the Qdrant adapters."""
         model = self.embedder.name
         points = [p for u in plan.upserts for p in u.points(model)]
+        leftovers = await self._docs_with_older_chunks(plan.upserts, {p.id for p in points})
         started = time.perf_counter()
-        for i in range(0, len(points), self.upsert_batch_points):
-            await self.store.upsert_chunks(points[i : i + self.upsert_batch_points])
+        await self.store.write_batch(
+            points=points,
+            leftovers=[(u.op.key[0], u.op.key[1], u.op.version) for u in plan.upserts if u.op.key in leftovers],
+            deletes=[op.key for op in plan.deletes],
+            states=plan.doc_states(),
+            upsert_batch_points=self.upsert_batch_points,
+        )
         if points:
             m.UPSERT_SECONDS.observe(time.perf_counter() - started)
-        leftovers = await self._docs_with_older_chunks(plan.upserts)
-        for u in plan.upserts:
-            if u.op.key in leftovers:
-                tenant_id, doc_id = u.op.key
-                await self.store.delete_chunks(tenant_id, doc_id, below_version=u.op.version)
-        for op in plan.deletes:
-            tenant_id, doc_id = op.key
-            await self.store.delete_chunks(tenant_id, doc_id)
-        await self.store.put_doc_states(plan.doc_states())
 
-    async def _docs_with_older_chunks(self, upserts: list[PlannedUpsert]) -> set[DocKey]:
-        """The documents that still have chunks of an older version once the new ones are written (rule 5).
+    async def _docs_with_older_chunks(self, upserts: list[PlannedUpsert], new_ids: set[str]) -> set[DocKey]:
+        """The documents that will still have chunks of an older version once the new ones are written (rule 5):
+        stored chunks below the new version that no new chunk overwrites (the same id). Read before the write, so
+        that the whole batch can go to the store as one call.
 
         One read for the batch instead of a delete per document: a delete is a confirmed, flushed write, and
         most updates overwrite every old chunk id anyway. A truncated answer falls back to deleting for all.
@@ -490,7 +493,7 @@ class IngestService:
         hits = await self.store.scroll(flt, limit=limit)
         if len(hits) >= limit:
             return {u.op.key for u in upserts}
-        return {key for hit in hits if (key := doc_key_of(hit.payload)) is not None}
+        return {key for hit in hits if hit.id not in new_ids and (key := doc_key_of(hit.payload)) is not None}
 
     def _written(self, plan: BatchPlan, report: BatchReport) -> None:
         """Count what the confirmed writes made searchable (or ignored)."""

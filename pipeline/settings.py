@@ -166,8 +166,9 @@ REGISTRY_SUFFIX = "__registry"
 
 class StoreSettings(BaseModel):
     #: "edge": Qdrant Edge in-process, persisted under path (the embedded default);
-    #: "qdrant": a Qdrant server at url (or qdrant-client's local mode when url is empty and local_path set)
-    backend: Literal["edge", "qdrant"] = "edge"
+    #: "qdrant": a Qdrant server at url (or qdrant-client's local mode when url is empty and local_path set);
+    #: "pgvector": PostgreSQL with the pgvector extension at postgres_url (several workers may share it)
+    backend: Literal["edge", "qdrant", "pgvector"] = "edge"
     #: the folder where Qdrant Edge persists (backend "edge"); one process at a time
     path: Path = Path(".vectorstream/qdrant-edge")
     #: URL of the Qdrant server (backend "qdrant"), e.g. http://qdrant:6333
@@ -180,8 +181,18 @@ class StoreSettings(BaseModel):
     prefer_grpc: bool = False
     #: timeout of one call to the Qdrant server
     timeout_seconds: float = Field(default=10.0, gt=0)
-    #: the collection (Qdrant server) holding the chunks
+    #: the collection (Qdrant server) holding the chunks; on pgvector the table's name
     collection: str = "vectorstream_chunks"
+    #: PostgreSQL connection URL (backend "pgvector"), e.g. postgresql://vectorstream:secret@db:5432/vectorstream;
+    #: connect as an ordinary role, not a superuser: row-level security does not bind superusers
+    postgres_url: SecretStr | None = None
+    #: connections each process keeps to PostgreSQL at most
+    postgres_pool_size: int = Field(default=4, ge=1, le=100)
+    #: pgvector: how a filtered HNSW search goes on when the first ef candidates hold too few matches
+    #: ("relaxed_order" keeps scanning, results re-sorted; "strict_order"; "off" may return fewer than k)
+    pgvector_iterative_scan: Literal["off", "relaxed_order", "strict_order"] = "relaxed_order"
+    #: pgvector: the most index tuples an iterative scan visits before the exact re-run takes over
+    pgvector_max_scan_tuples: int = Field(default=20_000, ge=1)
     #: HNSW graph degree: higher is better recall, more memory and slower builds
     hnsw_m: int = Field(default=16, ge=4, le=128)
     #: HNSW beam width while building the index

@@ -1,5 +1,6 @@
-"""The vector-store package: the port (``base``), the adapters (``edge``, ``qdrant``), the document registry
-layout they share (``registry``), the helpers they share (``common``), and ``open_store`` to pick an adapter.
+"""The vector-store package: the port (``base``), the adapters (``edge``, ``qdrant``, ``pgvector``), the document
+registry layout the Qdrant adapters share (``registry``), the helpers they share (``common``), and ``open_store``
+to pick an adapter by settings.
 """
 
 from __future__ import annotations
@@ -28,4 +29,8 @@ def open_store(settings: StoreSettings) -> VectorStore:
         from pipeline.store.qdrant import QdrantStore
 
         return QdrantStore.from_settings(settings)
-    raise ConfigurationError(f"unknown store backend {settings.backend!r}: use 'edge' or 'qdrant'")
+    if settings.backend == "pgvector":
+        from pipeline.store.pgvector import PgVectorStore
+
+        return PgVectorStore.from_settings(settings)
+    raise ConfigurationError(f"unknown store backend {settings.backend!r}: use 'edge', 'qdrant' or 'pgvector'")

@@ -214,3 +214,24 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     async def build_index(self) -> None:
         """Make sure the HNSW index covers what was written (Edge optimizes; a server does it itself)."""
+
+    async def write_batch(
+        self,
+        *,
+        points: Sequence[ChunkPoint] = (),
+        leftovers: Sequence[tuple[str, str, int]] = (),
+        deletes: Sequence[tuple[str, str]] = (),
+        states: Sequence[DocState] = (),
+        upsert_batch_points: int = 512,
+    ) -> None:
+        """A batch's writes: new chunks (``upsert_batch_points`` a request), then the removal of each
+        (tenant, doc, below_version) leftover, then deleted documents' chunks, then the registry records
+        (rule 5's order: a crash in between leaves the old or the new version searchable). Adapters with
+        transactions (pgvector) make it all-or-nothing."""
+        for i in range(0, len(points), max(1, upsert_batch_points)):
+            await self.upsert_chunks(points[i : i + upsert_batch_points])
+        for tenant_id, doc_id, below in leftovers:
+            await self.delete_chunks(tenant_id, doc_id, below_version=below)
+        for tenant_id, doc_id in deletes:
+            await self.delete_chunks(tenant_id, doc_id)
+        await self.put_doc_states(states)

@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.conftest import _session_broker, unique_name  # noqa: F401 - unique_name is a fixture
 from tests.support.apache_kafka import ApacheKafka
+from tests.support.postgres import PostgresServer, session_server
 
 _HERE = Path(__file__).resolve().parent
 
@@ -25,3 +26,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def apache_kafka() -> Iterator[ApacheKafka]:
     """Not the integration tests' broker: these scenarios restart theirs, and no other test should see that."""
     yield from _session_broker(ApacheKafka())
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """PostgreSQL + pgvector for the scenarios that share one store between workers (one restarts it)."""
+    yield from session_server()

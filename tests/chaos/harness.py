@@ -109,8 +109,11 @@ class Produced:
 class Scenario:
     """One scenario's documents topic, group, Qdrant Edge folder and fault file, and its worker processes."""
 
-    def __init__(self, bootstrap: str, tmp: Path, name: str, settings: Settings) -> None:
+    def __init__(
+        self, bootstrap: str, tmp: Path, name: str, settings: Settings, *, partitions: int = PARTITIONS
+    ) -> None:
         self.bootstrap = bootstrap
+        self.partitions = partitions
         self.tmp = tmp
         run = uuid.uuid4().hex[:8]
         self.topic = f"chaos-{name}-{run}"
@@ -140,7 +143,7 @@ class Scenario:
         self.workers: list[WorkerProcess] = []
 
     async def setup(self) -> Scenario:
-        await create_topics(self.bootstrap, {self.topic: PARTITIONS})
+        await create_topics(self.bootstrap, {self.topic: self.partitions})
         return self
 
     def worker(self, env: dict[str, str] | None = None, *, group: str | None = None) -> WorkerProcess:
@@ -159,6 +162,7 @@ class Scenario:
                 "VECTORSTREAM_TEST_FAULT_FILE": str(self.fault_file),
                 "VECTORSTREAM_DATA_DIR": str(self.tmp / "data"),  # faust's folder, else under the repository
                 "VECTORSTREAM_QUERY__DEV_MODE": "true",  # tests that need real keys configure their own
+                "VECTORSTREAM_KAFKA__PARTITIONS": str(self.partitions),
                 **(env or {}),
             },
         )
@@ -198,7 +202,7 @@ class Scenario:
     # --- offsets ----------------------------------------------------------------------------------------
 
     def _partitions(self) -> list[TopicPartition]:
-        return [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
+        return [TopicPartition(self.topic, p) for p in range(self.partitions)]
 
     async def end_offsets(self) -> dict[int, int]:
         consumer = kafka_consumer(self.bootstrap, group_id=None, enable_auto_commit=False)
@@ -217,7 +221,7 @@ class Scenario:
             offsets = await admin.list_consumer_group_offsets(group or self.group, partitions=self._partitions())
         finally:
             await admin.close()
-        out = dict.fromkeys(range(PARTITIONS), 0)
+        out = dict.fromkeys(range(self.partitions), 0)
         for tp, meta in offsets.items():
             if tp.topic == self.topic and meta.offset >= 0:
                 out[tp.partition] = meta.offset

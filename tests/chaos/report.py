@@ -80,6 +80,21 @@ SCENARIOS = [
         ("test_server_store.py::test_two_workers_scaled_one_two_one_consume_every_partition",),
     ),
     Scenario(
+        "pgvector-scale-1-2-1",
+        "two workers on one PostgreSQL + pgvector store, 4 partitions, scaled 1 -> 2 -> 1 during ingest",
+        ("test_pgvector_scale.py::test_two_workers_on_pgvector_scaled_one_two_one_each_partition_consumed_by_both",),
+    ),
+    Scenario(
+        "pgvector-sigkill-one-of-two",
+        "one of two workers on one pgvector store SIGKILLed mid-ingest and not restarted",
+        ("test_pgvector_scale.py::test_one_of_two_workers_sigkilled_the_other_takes_over",),
+    ),
+    Scenario(
+        "pgvector-db-restart",
+        "PostgreSQL stopped and started again mid-ingest under two workers",
+        ("test_pgvector_scale.py::test_database_restarted_mid_ingest_nothing_dead_lettered",),
+    ),
+    Scenario(
         "duplicates-out-of-order",
         "duplicates and out-of-order versions; full replay by a new group",
         ("test_versions.py::test_duplicates_and_out_of_order_versions_newest_wins",),

@@ -1,9 +1,9 @@
 """The vector-store contract: the same scenarios against every adapter, expecting the same answers.
 
-Adapters differ in engine (Qdrant Edge, qdrant-client local mode, a Qdrant server over REST and gRPC); callers
-must not be able to tell them apart. The server backends run when VECTORSTREAM_TEST_QDRANT_URL names a Qdrant
-server (its REST URL; gRPC on port 6334 of the same host) and are skipped otherwise; each test gets collections
-of its own there, deleted afterwards.
+Adapters differ in engine (Qdrant Edge, qdrant-client local mode, PostgreSQL + pgvector on a real server the
+harness started, a Qdrant server over REST and gRPC); callers must not be able to tell them apart. The server
+backends run when VECTORSTREAM_TEST_QDRANT_URL names a Qdrant server (its REST URL; gRPC on port 6334 of the same
+host) and are skipped otherwise; each test gets collections of its own there, deleted afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 from qdrant_client import AsyncQdrantClient
 
@@ -47,13 +48,14 @@ from pipeline.store.base import (
     chunk_point_id,
 )
 from pipeline.store.edge import EdgeStore
+from pipeline.store.pgvector import COLLECTIONS_TABLE, PgVectorStore
 from pipeline.store.qdrant import QdrantStore
 
 #: a Qdrant server to run every scenario on as well (its REST URL), e.g. http://127.0.0.1:6333
 QDRANT_URL = os.environ.get("VECTORSTREAM_TEST_QDRANT_URL", "").strip()
 SERVER_BACKENDS = ("qdrant-server-rest", "qdrant-server-grpc")
 #: edge-int8: the million-chunk layout (int8 quantized copies searched, originals and graph on disk, rescored)
-BACKENDS = ("edge", "edge-int8", "qdrant-local", *SERVER_BACKENDS)
+BACKENDS = ("edge", "edge-int8", "qdrant-local", "pgvector", *SERVER_BACKENDS)
 MODEL = "contract-model"
 DIM = 16
 HNSW = HnswParams(m=16, ef_construct=100, full_scan_threshold_kb=1)
@@ -64,7 +66,7 @@ SCALE_LAYOUT = VectorLayout(quantization="int8", oversampling=2.0, vectors_on_di
 StoreFactory = Callable[..., VectorStore]
 
 
-def build_store(backend: str, root: Path, collection: str = "chunks") -> VectorStore:
+def build_store(backend: str, root: Path, collection: str = "chunks", *, pg_url: str | None = None) -> VectorStore:
     if backend == "edge":
         return EdgeStore(root / "edge", collection, hnsw=HNSW, hnsw_ef=128)
     if backend == "edge-int8":
@@ -80,6 +82,9 @@ def build_store(backend: str, root: Path, collection: str = "chunks") -> VectorS
             hnsw=SERVER_HNSW,
             hnsw_ef=128,
         )
+    if backend == "pgvector":
+        assert pg_url is not None, "the pgvector backend needs the pg_url fixture"
+        return PgVectorStore(pg_url, collection, hnsw=HNSW, hnsw_ef=128)
     raise ValueError(backend)
 
 
@@ -109,12 +114,14 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def make_store(backend: str, tmp_path: Path) -> AsyncIterator[StoreFactory]:
-    """A factory of (unopened) stores of the current backend under tmp_path; all are closed at teardown."""
+async def make_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """A factory of (unopened) stores of the current backend under tmp_path (pgvector: in a database of its
+    own on the session's server); all are closed at teardown."""
     made: list[VectorStore] = []
+    pg_url = request.getfixturevalue("pg_url") if backend == "pgvector" else None
 
     def make(collection: str = "chunks", subdir: str = "") -> VectorStore:
-        store = build_store(backend, tmp_path / subdir, collection)
+        store = build_store(backend, tmp_path / subdir, collection, pg_url=pg_url)
         made.append(store)
         return store
 
@@ -269,12 +276,17 @@ async def test_other_dim_is_refused(make_store: StoreFactory) -> None:
         await make_store().open(model=MODEL, dim=DIM * 2)
 
 
-async def test_dim_is_checked_even_without_the_registry(make_store: StoreFactory, tmp_path: Path) -> None:
+async def test_dim_is_checked_even_without_the_registry(
+    make_store: StoreFactory, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     first = make_store()
     await first.open(model=MODEL, dim=DIM)
     await first.close()
     if isinstance(first, EdgeStore):
         shutil.rmtree(first.registry_path)
+    elif isinstance(first, PgVectorStore):
+        async with await psycopg.AsyncConnection.connect(request.getfixturevalue("pg_url"), autocommit=True) as conn:
+            await conn.execute(f"DELETE FROM {COLLECTIONS_TABLE} WHERE name = 'chunks'")
     else:
         assert isinstance(first, QdrantStore)
         client = (
@@ -374,6 +386,19 @@ async def test_scroll_pages_and_limits(store: VectorStore) -> None:
     await store.upsert_chunks(points)
     assert len(await store.scroll(limit=7)) == 7
     assert {h.id for h in await store.scroll()} == {p.id for p in points}
+
+
+async def test_write_batch_writes_chunks_removes_leftovers_and_records_states(store: VectorStore) -> None:
+    rng = np.random.default_rng(12)
+    await store.upsert_chunks([chunk("t1", "d1", i, v, version=1) for i, v in enumerate(unit_vectors(rng, 4))])
+    await store.upsert_chunks([chunk("t1", "gone", 0, np.ones(DIM))])
+    new = [chunk("t1", "d1", i, v, version=2) for i, v in enumerate(unit_vectors(rng, 2))]
+    states = [DocState("t1", "d1", 2, chunk_count=2, chunk_hashes=("a", "b")), DocState("t1", "gone", 3, deleted=True)]
+    await store.write_batch(points=new, leftovers=[("t1", "d1", 2)], deletes=[("t1", "gone")], states=states)
+    left = sorted((h.payload[DOC], h.payload[CHUNK_INDEX], h.payload[VERSION]) for h in await store.scroll())
+    assert left == [("d1", 0, 2), ("d1", 1, 2)]
+    assert await store.get_doc_states([("t1", "d1"), ("t1", "gone")]) == {(s.tenant_id, s.doc_id): s for s in states}
+    await store.write_batch()  # nothing to write is fine
 
 
 # --- registry -----------------------------------------------------------------------------------------------
@@ -613,6 +638,8 @@ async def test_closed_store_is_unavailable(make_store: StoreFactory) -> None:
 async def test_folder_held_by_another_store_is_unavailable(make_store: StoreFactory, backend: str) -> None:
     if backend in SERVER_BACKENDS:
         pytest.skip("a server is shared by design: no folder to hold")
+    if backend == "pgvector":
+        pytest.skip("a PostgreSQL server is shared by design: see test_pgvector_store.py, several stores at once")
     holder = make_store()
     await holder.open(model=MODEL, dim=DIM)
     with pytest.raises(StoreUnavailableError):
@@ -693,6 +720,15 @@ async def test_unreachable_server_is_unavailable(prefer_grpc: bool) -> None:
     await store.close()
 
 
+async def test_unreachable_postgres_is_unavailable() -> None:
+    store = PgVectorStore(f"postgresql://vectorstream@127.0.0.1:{free_port()}/vectorstream", timeout_seconds=2)
+    with pytest.raises(StoreUnavailableError):
+        await store.open(model=MODEL, dim=DIM)
+    with pytest.raises(StoreUnavailableError):
+        await store.count()
+    await store.close()
+
+
 def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     from pipeline.settings import StoreSettings
 
@@ -702,15 +738,22 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     assert isinstance(open_store(StoreSettings(backend="qdrant", url="http://qdrant:6333")), QdrantStore)
     with pytest.raises(ConfigurationError, match="VECTORSTREAM_STORE__URL"):
         open_store(StoreSettings(backend="qdrant"))  # neither a server nor a folder: refuse, never go in-memory
+    pg = StoreSettings(backend="pgvector", postgres_url="postgresql://app:secret@db:5432/vs")  # type: ignore[arg-type]
+    assert isinstance(open_store(pg), PgVectorStore)
+    assert "secret" not in repr(pg)
+    with pytest.raises(ConfigurationError, match="VECTORSTREAM_STORE__POSTGRES_URL"):
+        open_store(StoreSettings(backend="pgvector"))
+    with pytest.raises(ConfigurationError, match="VECTORSTREAM_STORE__COLLECTION"):
+        open_store(StoreSettings(backend="pgvector", postgres_url=pg.postgres_url, collection="x'; DROP TABLE y"))
 
 
 # --- congruence ---------------------------------------------------------------------------------------------
 
 
-async def test_adapters_agree_on_a_random_history(tmp_path: Path) -> None:
-    """One random sequence of writes applied to both adapters; every read must then give the same answer."""
+async def test_adapters_agree_on_a_random_history(tmp_path: Path, pg_url: str) -> None:
+    """One random sequence of writes applied to every adapter; every read must then give the same answer."""
     rng = np.random.default_rng(11)
-    stores = [build_store(b, tmp_path) for b in ("edge", "qdrant-local", "edge-int8")]
+    stores = [build_store(b, tmp_path, pg_url=pg_url) for b in ("edge", "qdrant-local", "edge-int8", "pgvector")]
     for s in stores:
         await s.open(model=MODEL, dim=DIM)
     try:
@@ -751,14 +794,16 @@ async def test_adapters_agree_on_a_random_history(tmp_path: Path) -> None:
         for s in stores:
             await s.build_index()
 
-        edge, local, quantized = stores
-        assert await edge.count() == await local.count() == await quantized.count() > 0
+        edge, local, quantized, pg = stores
+        assert await edge.count() == await local.count() == await quantized.count() == await pg.count() > 0
         keys = [(f"t{t}", f"d{d}") for t in range(3) for d in range(8)]
         states = await edge.get_doc_states(keys)
         assert states == await local.get_doc_states(keys) == await quantized.get_doc_states(keys)
+        assert states == await pg.get_doc_states(keys)
         edge_scroll = {h.id: h.payload for h in await edge.scroll()}
         assert edge_scroll == {h.id: h.payload for h in await local.scroll()}
         assert edge_scroll == {h.id: h.payload for h in await quantized.scroll()}
+        assert edge_scroll == {h.id: h.payload for h in await pg.scroll()}
 
         filters: list[Filter | None] = [
             None,
@@ -778,6 +823,14 @@ async def test_adapters_agree_on_a_random_history(tmp_path: Path) -> None:
                 c = await quantized.search(query, flt=flt, limit=15, exact=True)
                 assert [h.id for h in c] == [h.id for h in a]
                 np.testing.assert_allclose([h.score for h in c], [h.score for h in a], atol=1e-4)
+                d = await pg.search(query, flt=flt, limit=15, exact=True)
+                assert [h.id for h in d] == [h.id for h in a]
+                np.testing.assert_allclose([h.score for h in d], [h.score for h in a], atol=1e-4)
+                assert [h.payload for h in d] == [h.payload for h in a]
+                assert await pg.count(flt) == await edge.count(flt)
+                # and the HNSW path with pgvector's iterative scan finds the same top hits
+                approx = await pg.search(query, flt=flt, limit=15, hnsw_ef=128)
+                assert len({h.id for h in approx} & {h.id for h in a}) >= 0.9 * len(a)
     finally:
         for s in stores:
             await s.close()

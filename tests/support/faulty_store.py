@@ -90,6 +90,25 @@ class FaultyStore(VectorStore):
         await self._gate("delete_chunks")
         await self.inner.delete_chunks(tenant_id, doc_id, below_version=below_version)
 
+    async def write_batch(
+        self,
+        *,
+        points: Sequence[ChunkPoint] = (),
+        leftovers: Sequence[tuple[str, str, int]] = (),
+        deletes: Sequence[tuple[str, str]] = (),
+        states: Sequence[DocState] = (),
+        upsert_batch_points: int = 512,
+    ) -> None:
+        # forwarded whole, so a transactional store (pgvector) still writes the batch as one transaction
+        await self._gate("write_batch")
+        await self.inner.write_batch(
+            points=points,
+            leftovers=leftovers,
+            deletes=deletes,
+            states=states,
+            upsert_batch_points=upsert_batch_points,
+        )
+
     async def get_vectors(self, ids: Sequence[str]) -> dict[str, list[float]]:
         await self._gate("get_vectors")
         return await self.inner.get_vectors(ids)

@@ -1,17 +1,40 @@
 """``python -m tests.support.faulty_worker``: the real ``vectorstream worker`` with its store wrapped in
-:class:`~tests.support.faulty_store.FaultyStore`, switched by the file ``VECTORSTREAM_TEST_FAULT_FILE`` names.
+:class:`~tests.support.faulty_store.FaultyStore`, switched by the file ``VECTORSTREAM_TEST_FAULT_FILE`` names,
+and a test-side counter of the records it handled per partition (how a scale-out test sees who consumed what).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from agents.worker import run_worker
+from pipeline.decode import Record
+from pipeline.ingest import BatchReport, IngestService
 from tests.support.faulty_store import FaultyStore
 
 FAULT_FILE_ENV = "VECTORSTREAM_TEST_FAULT_FILE"
+#: on the worker's /metrics beside the product's: records whose batch handle() finished (written or
+#: dead-lettered, so about to be acked), by partition; partitions are few, so the label is bounded
+HANDLED = Counter(
+    "vectorstream_test_records_handled_total", "Records this worker's ingest finished, by partition", ["partition"]
+)
+
+
+def _count_partitions() -> None:
+    handle = IngestService.handle
+
+    async def counted(self: IngestService, records: Sequence[Record]) -> BatchReport:
+        report = await handle(self, records)
+        for record in records:
+            HANDLED.labels(partition=str(record.partition)).inc()
+        return report
+
+    IngestService.handle = counted  # type: ignore[method-assign]
 
 
 def main() -> int:
@@ -19,6 +42,7 @@ def main() -> int:
     if not fault_file:
         print(f"{FAULT_FILE_ENV} must name the fault file", file=sys.stderr)
         return 2
+    _count_partitions()
     return run_worker(wrap_store=lambda store: FaultyStore(store, Path(fault_file)))
 
 
