@@ -149,24 +149,47 @@ def doc_key_of(payload: Mapping[str, Any]) -> DocKey | None:
     return None
 
 
+def source_of(record: Record) -> tuple[str, int, int, int]:
+    """Where ``record`` sits in the log, as a DocState records it: (topic, partition, offset, timestamp_ms or -1)."""
+    return (record.topic, record.partition, record.offset, record.timestamp_ms if record.timestamp_ms else -1)
+
+
+def replayed(record: Record, source: tuple[str, int, int, int] | None) -> bool:
+    """Whether ``record`` sits before the event that produced the current state, in the same partition: it was
+    applied already and is being read again (a lost commit: a crash, a rebalance).
+
+    Offsets restart when a topic is deleted and recreated, so the record must also not be younger than that
+    event (record timestamps; when either is unknown, the offsets decide alone)."""
+    if source is None:
+        return False
+    topic, partition, offset, timestamp_ms = source
+    if (record.topic, record.partition) != (topic, partition) or record.offset >= offset:
+        return False
+    return not (record.timestamp_ms and timestamp_ms >= 0 and record.timestamp_ms > timestamp_ms)
+
+
 def resolve(events: Sequence[tuple[Record, Event]], stored: Mapping[DocKey, DocState]) -> list[Op]:
     """Apply the version rules event by event, starting from the registry's state, and return the net
     change per document (``events`` in consumption order; one document's events are in offset order).
 
     - an upsert applies when its version is above the current one;
     - a delete applies when its version is above the current one, or equal to a live upsert's;
-    - a tombstone deletes whatever is there and keeps the current version;
+    - a tombstone deletes whatever is there and keeps the current version, unless it is a replay: it sits
+      before the event that produced the current state (a tombstone has no version of its own, so without
+      this a replayed "v1, tombstone, v2" would delete v2 and then ignore the replayed v2 as not newer);
     - anything else is stale (a late older version, or a replay) and changes nothing.
     Documents whose state did not change get no op.
     """
-    state: dict[DocKey, tuple[int | None, bool]] = {k: (s.version, s.deleted) for k, s in stored.items()}
+    state: dict[DocKey, tuple[int | None, bool, tuple[str, int, int, int] | None]] = {
+        k: (s.version, s.deleted, s.source) for k, s in stored.items()
+    }
     ops: dict[DocKey, Op] = {}
     for record, event in events:
         key = _key_of(event)
-        version, deleted = state.get(key, (None, False))
+        version, deleted, source = state.get(key, (None, False, None))
         op: Op
         if isinstance(event, Tombstone):
-            if deleted:
+            if deleted or replayed(record, source):
                 continue
             op = DeleteOp(key, record, version or 0)
         elif isinstance(event, DocumentDelete):
@@ -177,7 +200,7 @@ def resolve(events: Sequence[tuple[Record, Event]], stored: Mapping[DocKey, DocS
             if version is not None and event.version <= version:
                 continue
             op = UpsertOp(key, record, event)
-        state[key] = (op.version, op.is_delete)
+        state[key] = (op.version, op.is_delete, source_of(record))
         ops[key] = op
     return list(ops.values())
 
@@ -220,7 +243,7 @@ class PlannedUpsert:
     def state(self) -> DocState:
         ev = self.op.event
         hashes = tuple(c.content_hash for c in self.chunks)
-        return DocState(ev.tenant_id, ev.doc_id, ev.version, False, len(hashes), hashes)
+        return DocState(ev.tenant_id, ev.doc_id, ev.version, False, len(hashes), hashes, source_of(self.op.record))
 
 
 @dataclass(frozen=True)
@@ -256,7 +279,7 @@ class BatchPlan:
         """What the registry records once the chunks are written."""
         return [
             *(u.state() for u in self.upserts),
-            *(DocState(op.key[0], op.key[1], op.version, True, 0, ()) for op in self.deletes),
+            *(DocState(op.key[0], op.key[1], op.version, True, 0, (), source_of(op.record)) for op in self.deletes),
         ]
 
 

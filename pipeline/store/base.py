@@ -111,6 +111,9 @@ class DocState:
     chunk_count: int = 0
     #: content hash of each chunk, by index: lets an update reuse unchanged chunks' vectors
     chunk_hashes: tuple[str, ...] = ()
+    #: where in the log the event that produced this state sits: (topic, partition, offset, timestamp_ms or -1);
+    #: None for states written before it was recorded. A replayed tombstone is recognised by it (see resolve)
+    source: tuple[str, int, int, int] | None = None
 
 
 @dataclass(frozen=True)

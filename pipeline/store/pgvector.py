@@ -53,7 +53,7 @@ from pipeline.store.base import (
     StoreInfo,
     VectorStore,
 )
-from pipeline.store.registry import REGISTRY_SUFFIX, check_meta
+from pipeline.store.registry import REGISTRY_SUFFIX, check_meta, source_from_json
 
 if TYPE_CHECKING:
     from pipeline.settings import StoreSettings
@@ -349,6 +349,8 @@ class PgVectorStore(VectorStore):
                 " deleted boolean NOT NULL DEFAULT false,"
                 " chunk_count integer NOT NULL DEFAULT 0,"
                 " chunk_hashes text[] NOT NULL DEFAULT '{{}}',"
+                # where the event that produced the state sits in the log: [topic, partition, offset, timestamp_ms]
+                " source jsonb,"
                 " PRIMARY KEY (tenant_id, doc_id))"
             ).format(r),
         ]
@@ -402,15 +404,16 @@ class PgVectorStore(VectorStore):
         async with self._tx(_ALL) as cur:
             await cur.execute(
                 sql.SQL(
-                    "SELECT r.tenant_id, r.doc_id, r.version, r.deleted, r.chunk_count, r.chunk_hashes FROM {} r"
+                    "SELECT r.tenant_id, r.doc_id, r.version, r.deleted, r.chunk_count, r.chunk_hashes, r.source"
+                    " FROM {} r"
                     " JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, doc_id) USING (tenant_id, doc_id)"
                 ).format(self._registry),
                 (tenants, docs),
             )
             rows = await cur.fetchall()
         found = {
-            (t, d): DocState(t, d, int(v), bool(deleted), int(n), tuple(hashes or ()))
-            for t, d, v, deleted, n, hashes in rows
+            (t, d): DocState(t, d, int(v), bool(deleted), int(n), tuple(hashes or ()), source_from_json(source))
+            for t, d, v, deleted, n, hashes, source in rows
         }
         return {key: found[key] for key in keys if key in found}
 
@@ -424,16 +427,25 @@ class PgVectorStore(VectorStore):
         latest = {(s.tenant_id, s.doc_id): s for s in states}  # one row per key and statement
         await cur.executemany(
             sql.SQL(
-                "INSERT INTO {r} AS r (tenant_id, doc_id, version, deleted, chunk_count, chunk_hashes)"
-                " VALUES (%s, %s, %s, %s, %s, %s)"
+                "INSERT INTO {r} AS r (tenant_id, doc_id, version, deleted, chunk_count, chunk_hashes, source)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (tenant_id, doc_id) DO UPDATE SET version = EXCLUDED.version,"
-                " deleted = EXCLUDED.deleted, chunk_count = EXCLUDED.chunk_count, chunk_hashes = EXCLUDED.chunk_hashes"
+                " deleted = EXCLUDED.deleted, chunk_count = EXCLUDED.chunk_count, chunk_hashes = EXCLUDED.chunk_hashes,"
+                " source = EXCLUDED.source"
                 # a document's state only moves forward (every applied op raises (version, deleted)): a worker
                 # still finishing a batch after a rebalance cannot set back what the partition's new owner wrote
                 " WHERE (r.version, r.deleted) <= (EXCLUDED.version, EXCLUDED.deleted)"
             ).format(r=self._registry),
             [
-                (s.tenant_id, s.doc_id, int(s.version), bool(s.deleted), int(s.chunk_count), list(s.chunk_hashes))
+                (
+                    s.tenant_id,
+                    s.doc_id,
+                    int(s.version),
+                    bool(s.deleted),
+                    int(s.chunk_count),
+                    list(s.chunk_hashes),
+                    Jsonb(list(s.source)) if s.source is not None else None,
+                )
                 for s in latest.values()
             ],
         )

@@ -34,7 +34,18 @@ def doc_state_payload(state: DocState) -> dict[str, Any]:
         "deleted": bool(state.deleted),
         "chunk_count": int(state.chunk_count),
         "chunk_hashes": list(state.chunk_hashes),
+        "source": list(state.source) if state.source is not None else None,
     }
+
+
+def source_from_json(value: Any) -> tuple[str, int, int, int] | None:
+    """A DocState's ``source`` read back from its stored form (a 4-list); None when absent or malformed."""
+    if isinstance(value, list | tuple) and len(value) == 4:
+        try:
+            return (str(value[0]), int(value[1]), int(value[2]), int(value[3]))
+        except (TypeError, ValueError):
+            return None
+    return None
 
 
 def doc_state_from_payload(payload: Mapping[str, Any]) -> DocState:
@@ -45,6 +56,7 @@ def doc_state_from_payload(payload: Mapping[str, Any]) -> DocState:
         deleted=bool(payload.get("deleted", False)),
         chunk_count=int(payload.get("chunk_count", 0)),
         chunk_hashes=tuple(str(h) for h in payload.get("chunk_hashes") or ()),
+        source=source_from_json(payload.get("source")),
     )
 
 

@@ -1,17 +1,14 @@
-"""A known hole in the ingest rules, found by the pgvector 1 -> 2 -> 1 chaos scenario (tests/chaos/
-test_pgvector_scale.py), where a rebalance replays the events after the last commit: a replayed tombstone
-deletes a NEWER version, and the replayed newer upsert is then ignored as "not above the current version".
+"""A replayed tombstone must not delete a newer version. Found by the pgvector 1 -> 2 -> 1 chaos scenario
+(tests/chaos/test_pgvector_scale.py), where a rebalance replays the events after the last commit: the replayed
+tombstone deleted the NEWER version, and the replayed newer upsert was then ignored as "not above the current
+version", so the document's newest version was lost.
 
-A tombstone carries no version: resolve() gives it the stored one. On a replay the stored state can come from
-a later event of the same partition, so the tombstone no longer means what it meant at its log position. The
-fix needs the registry to remember which event (partition, offset) produced a document's state, so that a
-replayed event at or below it is recognised as a replay; that changes DocState, the registry layout and
-resolve(), which belong to the ingest and store modules.
+A tombstone carries no version of its own. The registry now records where in the log the event that produced a
+document's state sits (DocState.source), and resolve() ignores a tombstone that sits before it in the same
+partition: it was applied already.
 """
 
 from __future__ import annotations
-
-import pytest
 
 from tests.component.test_ingest_service import (  # noqa: F401 - service and store are fixtures
     chunks_of,
@@ -22,7 +19,6 @@ from tests.component.test_ingest_service import (  # noqa: F401 - service and st
 )
 
 
-@pytest.mark.xfail(strict=True, reason="a replayed tombstone deletes a newer version (see the module docstring)")
 async def test_replaying_a_tombstone_after_a_newer_upsert_keeps_the_newer_upsert(service, store):  # noqa: F811
     """The log says v1, tombstone, v2. The batch is applied, its commit is lost (a rebalance, a SIGKILL), and
     the events from the tombstone on are replayed: v2 must stay live."""

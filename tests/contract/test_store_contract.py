@@ -405,8 +405,9 @@ async def test_write_batch_writes_chunks_removes_leftovers_and_records_states(st
 
 
 async def test_doc_states_roundtrip(store: VectorStore) -> None:
-    live = DocState("t1", "d1", version=3, chunk_count=2, chunk_hashes=("h0", "h1"))
-    tombstone = DocState("t1", "d2", version=5, deleted=True)
+    # where the event sits in the log is kept with the state: a replayed tombstone is recognised by it
+    live = DocState("t1", "d1", version=3, chunk_count=2, chunk_hashes=("h0", "h1"), source=("docs", 2, 41, 1700))
+    tombstone = DocState("t1", "d2", version=5, deleted=True, source=("docs", 0, 7, -1))
     other_tenant = DocState("t2", "d1", version=1, chunk_count=1, chunk_hashes=("x",))
     await store.put_doc_states([live, tombstone, other_tenant])
     await store.put_doc_states([])

@@ -66,3 +66,41 @@ def test_stale_and_replayed_events_produce_no_op():
     assert net(up("a", 5), stored=deleted) == {}  # delete wins over same-version upsert
     assert net(Tombstone("acme", "a"), stored=deleted) == {}
     assert net(up("a", 0))[K].version == 0
+
+
+def _at(offset, timestamp_ms=1000, partition=0, topic="t"):
+    return Record(topic, partition, offset, None, None, timestamp_ms=timestamp_ms)
+
+
+def test_a_replayed_tombstone_does_not_delete_the_newer_version_written_after_it():
+    # the log: v1 @10, tombstone @11, v2 @12; applied, commit lost, replayed from @11 on
+    stored = {K: DocState("acme", "a", 2, source=("t", 0, 12, 1000))}
+    batch = [(_at(11), Tombstone("acme", "a")), (_at(12), up("a", 2))]
+    assert resolve(batch, stored) == []  # both already applied: nothing changes
+
+
+def test_a_tombstone_after_the_stored_state_deletes():
+    stored = {K: DocState("acme", "a", 2, source=("t", 0, 12, 1000))}
+    (op,) = resolve([(_at(13), Tombstone("acme", "a"))], stored)
+    assert op.is_delete and op.version == 2
+
+
+def test_a_tombstone_of_a_recreated_topic_deletes_although_its_offset_is_lower():
+    # offsets restarted (the topic was deleted and created again): the tombstone is younger than the state
+    stored = {K: DocState("acme", "a", 2, source=("t", 0, 500, 1000))}
+    (op,) = resolve([(_at(3, timestamp_ms=2000), Tombstone("acme", "a"))], stored)
+    assert op.is_delete
+
+
+def test_a_tombstone_from_another_partition_or_a_state_without_a_source_deletes():
+    moved = {K: DocState("acme", "a", 2, source=("t", 1, 12, 1000))}  # the topic was repartitioned
+    assert resolve([(_at(11), Tombstone("acme", "a"))], moved)[0].is_delete
+    unknown = {K: DocState("acme", "a", 2)}  # written before states recorded their source
+    assert resolve([(_at(11), Tombstone("acme", "a"))], unknown)[0].is_delete
+
+
+def test_the_state_of_a_batch_records_where_its_event_sits():
+    from pipeline.ingest import source_of
+
+    assert source_of(_at(11, timestamp_ms=1234, partition=3)) == ("t", 3, 11, 1234)
+    assert source_of(_at(11, timestamp_ms=None)) == ("t", 0, 11, -1)
