@@ -124,12 +124,11 @@ class Up:
         """The hits of ``question`` for a user of ``tenant``, through the Python client (text included)."""
         import asyncio
 
-        from agents.commands import query_client
-        from pipeline.auth import mint_token
+        from agents.commands import dev_token, query_client
         from pipeline.settings import Settings
 
         settings = Settings(kafka={"bootstrap_servers": self.env["VECTORSTREAM_KAFKA__BOOTSTRAP_SERVERS"]})
-        token = mint_token(settings.query, tenant=tenant, user="tester")
+        token = dev_token(settings, tenant=tenant, user="tester")  # what `ask` mints against `up`
 
         async def ask() -> list[dict[str, object]]:
             async with query_client(settings, tenant=tenant, token=token) as client:
