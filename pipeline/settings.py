@@ -179,6 +179,8 @@ class StoreSettings(BaseModel):
     api_key: SecretStr | None = None
     #: talk to the Qdrant server over gRPC instead of REST
     prefer_grpc: bool = False
+    #: the Qdrant server's gRPC port (with prefer_grpc; the REST port is the url's)
+    grpc_port: int = Field(default=6334, ge=1, le=65535)
     #: timeout of one call to the Qdrant server
     timeout_seconds: float = Field(default=10.0, gt=0)
     #: the collection (Qdrant server) holding the chunks; on pgvector the table's name

@@ -111,6 +111,7 @@ class QdrantStore(VectorStore):
         location: str | None = None,
         api_key: str | None = None,
         prefer_grpc: bool = False,
+        grpc_port: int = 6334,
         timeout_seconds: float = 10.0,
         hnsw: HnswParams = HnswParams(),
         hnsw_ef: int = 128,
@@ -128,6 +129,7 @@ class QdrantStore(VectorStore):
         self._location = location
         self._api_key = api_key
         self._prefer_grpc = prefer_grpc
+        self._grpc_port = grpc_port
         self._timeout = timeout_seconds
         self._hnsw = hnsw
         self._hnsw_ef = hnsw_ef
@@ -158,6 +160,7 @@ class QdrantStore(VectorStore):
             **where,
             api_key=settings.api_key.get_secret_value() if settings.api_key else None,
             prefer_grpc=settings.prefer_grpc,
+            grpc_port=settings.grpc_port,
             timeout_seconds=settings.timeout_seconds,
             hnsw=hnsw_from_settings(settings),
             hnsw_ef=settings.hnsw_ef,
@@ -211,6 +214,7 @@ class QdrantStore(VectorStore):
                 url=self._url,
                 api_key=self._api_key,
                 prefer_grpc=self._prefer_grpc,
+                grpc_port=self._grpc_port,
                 timeout=max(1, math.ceil(self._timeout)),
                 check_compatibility=False,  # would be a blocking request inside the event loop
             )

@@ -715,7 +715,10 @@ def free_port() -> int:
 @pytest.mark.parametrize("prefer_grpc", [False, True], ids=["rest", "grpc"])
 async def test_unreachable_server_is_unavailable(prefer_grpc: bool) -> None:
     port = free_port()
-    store = QdrantStore("chunks", url=f"http://127.0.0.1:{port}", prefer_grpc=prefer_grpc, timeout_seconds=2)
+    # both ports free: gRPC goes to grpc_port, not the url's port (a server on the default 6334 would answer)
+    store = QdrantStore(
+        "chunks", url=f"http://127.0.0.1:{port}", prefer_grpc=prefer_grpc, grpc_port=free_port(), timeout_seconds=2
+    )
     with pytest.raises(StoreUnavailableError):
         await store.open(model=MODEL, dim=DIM)
     await store.close()

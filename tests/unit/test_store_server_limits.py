@@ -22,7 +22,7 @@ from pipeline.store.base import HnswParams
 
 ROOT = Path(__file__).resolve().parents[2]
 #: numeric store settings that never reach the server (client-side timings and the worker's index timer)
-CLIENT_SIDE = {"timeout_seconds", "index_idle_seconds", "index_max_unindexed_points"}
+CLIENT_SIDE = {"timeout_seconds", "index_idle_seconds", "index_max_unindexed_points", "grpc_port"}
 #: numeric store settings of the pgvector backend only (PostgreSQL validates its own GUCs)
 PGVECTOR_ONLY = {"pgvector_max_scan_tuples", "postgres_pool_size"}
 
