@@ -27,8 +27,9 @@ from tests.chaos.proxy import DroppingProxy
 QDRANT_URL = os.environ.get("VECTORSTREAM_TEST_QDRANT_URL", "").strip()
 pytestmark = pytest.mark.skipif(
     not QDRANT_URL,
-    reason="needs a Qdrant server (set VECTORSTREAM_TEST_QDRANT_URL): none here (no Docker daemon; the server is not "
-    "on PyPI or in Debian), and Qdrant Edge and qdrant-client's local mode lock their folder to one process",
+    reason="needs a Qdrant server (set VECTORSTREAM_TEST_QDRANT_URL): CI has none (no Docker daemon; the server is "
+    "not on PyPI or in Debian), and Qdrant Edge and qdrant-client's local mode lock their folder to one process; "
+    "the scale-out scenarios that always run are on pgvector (test_pgvector_scale.py)",
 )
 
 
