@@ -298,8 +298,9 @@ def _serve(
         f"  {here}vectorstream ask --tenant {tenant}                    # questions in, hits out\n"
         f'  {here}vectorstream query "your question" --tenant {tenant}\n'
         "From Python:\n"
-        f'  DocumentPublisher("{k.bootstrap_servers}", "{k.documents_topic}")'
-        f'  and  QueryClient("{k.bootstrap_servers}", tenant=..., token=mint_token(...))  (pipeline.client)\n'
+        f'  DocumentPublisher("{k.bootstrap_servers}", "{k.documents_topic}")  and\n'
+        f'  QueryClient("{k.bootstrap_servers}", tenant=..., token=...)  (pipeline.client), with a token from\n'
+        "  `vectorstream token --tenant ... --user ...` (the development secret: this worker runs in dev mode)\n"
         "Ctrl-C stops (after the worker has indexed what was published).\n",
         flush=True,
     )
