@@ -59,17 +59,26 @@ class FaustReplies:
         self._topics = frozenset(cluster.topics())
 
     async def known(self, topic: str) -> bool:
-        """Whether ``topic`` is in the cluster's topic list (refreshed when stale or when ``topic`` is missing)."""
-        now = time.monotonic()
-        age = now - self._listed_at
-        if age >= self.refresh_seconds or (topic not in self._topics and age >= self.min_refresh):
-            if self._listing is None or self._listing.done():
-                self._listed_at = now
-                self._listing = asyncio.get_running_loop().create_task(self._list_topics(), name="reply-topics")
-        if topic in self._topics:
-            return True  # a due refresh runs in the background
-        if self._listing is not None and not self._listing.done():
-            await asyncio.shield(self._listing)
+        """Whether ``topic`` is in the cluster's topic list (refreshed when stale or when ``topic`` is missing).
+
+        A missing topic gets one listing that started after the request came: a client that has just created
+        its reply topic (the worker may have listed the topics a moment before) is not refused for being quick.
+        Listings stay at most one per ``min_refresh`` seconds; requests that wait for one share it."""
+        for attempt in range(2):
+            now = time.monotonic()
+            age = now - self._listed_at
+            if age >= self.refresh_seconds or (topic not in self._topics and age >= self.min_refresh):
+                if self._listing is None or self._listing.done():
+                    self._listed_at = now
+                    self._listing = asyncio.get_running_loop().create_task(self._list_topics(), name="reply-topics")
+            if topic in self._topics:
+                return True  # a due refresh runs in the background
+            if self._listing is not None and not self._listing.done():
+                await asyncio.shield(self._listing)
+                if topic in self._topics:
+                    return True
+            if attempt == 0:  # the last listing may predate the topic: one more, no sooner than min_refresh
+                await asyncio.sleep(max(0.0, self._listed_at + self.min_refresh - time.monotonic()))
         return topic in self._topics
 
     async def send(self, reply: Reply) -> None:
