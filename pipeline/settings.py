@@ -315,10 +315,12 @@ class QuerySettings(BaseModel):
     max_concurrency: int = Field(default=16, ge=1, le=1024)
     #: ... and admitted ones waiting for a slot; beyond both a request is answered ``overloaded`` at once
     max_queue: int = Field(default=256, ge=0, le=100_000)
-    #: query texts arriving within this window are embedded together, up to max_batch of them
-    batch_window_ms: float = Field(default=2.0, ge=0, le=1000)
-    #: the most query texts embedded together (see batch_window_ms)
+    #: the most query texts embedded together. There is no batching window: a question that finds the model
+    #: idle is embedded at once; those arriving while it is busy wait for it and then go together, up to this
     max_batch: int = Field(default=32, ge=1, le=1024)
+    #: the vectors of this many recently asked questions are kept (keyed by model and text), so a repeated
+    #: question is not embedded again; 0 disables the cache
+    embed_cache_size: int = Field(default=4096, ge=0, le=10_000_000)
     #: a request larger than this is a bad request
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     #: fraction of live queries re-run with exact search to measure recall (vectorstream_recall_at_k)
