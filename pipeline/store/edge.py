@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -22,6 +22,7 @@ from pipeline.store.base import (
     ACL_PUBLIC,
     ACL_USERS,
     DOC,
+    META_PREFIX,
     TENANT,
     VERSION,
     ChunkPoint,
@@ -76,6 +77,14 @@ _CHUNK_INDEXES: tuple[tuple[str, Any], ...] = (
     (ACL_GROUPS, qe.PayloadSchemaType.Keyword),
 )
 
+#: the payload index of a metadata field declared with each type (store.metadata_indexes)
+_METADATA_SCHEMAS: dict[str, tuple[qe.PayloadSchemaType, Any]] = {
+    "keyword": (qe.PayloadSchemaType.Keyword, qe.PayloadSchemaType.Keyword),
+    "integer": (qe.PayloadSchemaType.Integer, qe.IntegerIndexParams(lookup=True, range=True)),
+    "float": (qe.PayloadSchemaType.Float, qe.PayloadSchemaType.Float),
+    "bool": (qe.PayloadSchemaType.Bool, qe.PayloadSchemaType.Bool),
+}
+
 #: fragments of Edge error messages that mean "the store cannot be reached", not "the request is wrong"
 _UNAVAILABLE_MARKERS = (
     "not initialized",  # the shard was closed
@@ -108,8 +117,11 @@ class EdgeStore(VectorStore):
         hnsw_ef: int = 128,
         layout: VectorLayout = VectorLayout(),
         flush_writes: bool = True,
+        metadata_indexes: Mapping[str, str] | None = None,
     ) -> None:
         self._root = Path(root)
+        #: metadata key -> declared index type (store.metadata_indexes)
+        self._metadata_indexes = dict(metadata_indexes or {})
         self._collection = collection
         self._hnsw = hnsw
         self._hnsw_ef = hnsw_ef
@@ -129,6 +141,7 @@ class EdgeStore(VectorStore):
             hnsw=hnsw_from_settings(settings),
             hnsw_ef=settings.hnsw_ef,
             layout=layout_from_settings(settings),
+            metadata_indexes=settings.metadata_index_map,
         )
 
     @property
@@ -180,12 +193,23 @@ class EdgeStore(VectorStore):
             stored = _retrieve_payload(registry, META_POINT_ID)
             check_meta(stored, model=model, dim=dim, collection=self._collection, remedy=self._remedy())
             chunks = self._load_chunks(dim)
-            existing = set(chunks.info().payload_schema)
+            existing = chunks.info().payload_schema
             missing = [(name, schema) for name, schema in _CHUNK_INDEXES if name not in existing]
+            for key, kind in self._metadata_indexes.items():
+                name = f"{META_PREFIX}.{key}"
+                data_type, schema = _METADATA_SCHEMAS[kind]
+                if name in existing and existing[name].data_type != data_type:
+                    # the declaration changed type: the old index would serve the filters wrongly typed
+                    log.info("metadata index %s: %s becomes %s", name, existing[name].data_type, kind)
+                    chunks.update(qe.UpdateOperation.delete_field_index(name))
+                elif name in existing:
+                    continue
+                missing.append((name, schema))
             for field_name, schema in missing:
                 chunks.update(qe.UpdateOperation.create_field_index(field_name, schema))
             if missing:
                 chunks.flush()
+                log.info("edge collection %r: payload indexes created on %s", self._collection, [n for n, _ in missing])
             if stored is None:
                 meta = qe.Point(META_POINT_ID, REGISTRY_VECTOR, meta_payload(model, dim))
                 registry.update(qe.UpdateOperation.upsert_points([meta]))
