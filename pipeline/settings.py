@@ -259,6 +259,9 @@ class StoreSettings(BaseModel):
     index_idle_seconds: float = Field(default=2.0, gt=0)
     #: ... or as soon as this many points are unindexed
     index_max_unindexed_points: int = Field(default=20_000, ge=1)
+    #: Qdrant Edge: threads that run searches, apart from the one thread of writes and index builds (a search
+    #: then never waits behind an upsert or an index build; Edge releases the GIL while it searches)
+    edge_search_threads: int = Field(default=2, ge=1, le=64)
     #: payload indexes for metadata fields that callers filter on, created at start-up: "field:type,..." with
     #: type keyword, integer, float or bool (e.g. "lang:keyword,year:integer,tags:keyword"; a list-valued field
     #: takes its elements' type). A filter on an undeclared field still works, but is slower

