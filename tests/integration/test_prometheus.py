@@ -170,9 +170,7 @@ def test_the_run_is_what_the_dashboard_shows(run: Run) -> None:
             count = value(f'sum(vectorstream_query_stage_seconds_count{{stage="{stage}"}})')
             assert count >= run.answered, (stage, count)
         # the stages are parts of a request's time in the worker, so their sums are within it
-        inside = value(
-            'sum(vectorstream_query_stage_seconds_sum{stage=~"queue_wait|embed|search|encode|produce"})'
-        )
+        inside = value('sum(vectorstream_query_stage_seconds_sum{stage=~"queue_wait|embed|search|encode|produce"})')
         assert 0 < inside <= value("sum(vectorstream_query_duration_seconds_sum)")
         assert value("sum(vectorstream_query_embedding_cache_total)") >= run.answered
 
