@@ -76,7 +76,7 @@ QUERIES_EXPIRED = Counter("vectorstream_queries_expired_total", "Requests droppe
 QUERY_IN_FLIGHT = Gauge("vectorstream_queries_in_flight", "Queries being served right now")
 QUERY_EMBED_BATCH = Histogram(
     "vectorstream_query_embedding_batch_size",
-    "Query texts embedded together in one micro-batch",
+    "Query texts embedded together in one batch (sized by what waited while the model was busy)",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 #: fine-grained where a query's stages live (0.1 ms to 50 ms), coarser above for the slow tail
