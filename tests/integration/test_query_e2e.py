@@ -316,11 +316,13 @@ async def test_burst_overload_is_answered_not_queued(served):
     assert codes.count("ok") >= MAX_CONCURRENCY, codes
     assert codes.count(ErrorCode.OVERLOADED) >= 1, "a burst of 40 against 2 slots and a queue of 4"
     assert all(r.error.retriable for r in replies if isinstance(r, QueryFailure))
-    # concurrent queries share embedding calls
+    # batches are sized by what waits, with no window: how many share a call depends on how the broker hands
+    # the burst over (Apache Kafka in one fetch, Tansu record by record), but never more than the slots let in
+    # (the batching itself: tests/component/test_query_service.py, tests/unit/test_query_protocol.py)
     metrics = served.worker.metrics()
     batches = metrics["vectorstream_query_embedding_batch_size_count"]
-    texts = metrics["vectorstream_query_embedding_batch_size_sum"]
-    assert texts > batches, "some micro-batch held more than one query"
+    within_slots = metrics[f"vectorstream_query_embedding_batch_size_bucket{{le={float(MAX_CONCURRENCY)}}}"]
+    assert batches > 0 and within_slots == batches
 
 
 async def test_no_topic_appears_and_serving_goes_on(served):
