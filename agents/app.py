@@ -66,6 +66,9 @@ def make_app(settings: Settings) -> faust.App:
         consumer_max_fetch_size=max(settings.ingest.max_message_bytes * 2, 4 * 1024 * 1024),
         stream_buffer_maxsize=max(settings.ingest.max_batch_events * 4, 1024),
         producer_acks=-1,
+        # replies go out as soon as they are ready: no batching delay on the request path (faust's default
+        # is 0 too; it is set here so that a change of default cannot add latency to every reply)
+        producer_linger=0.0,
         # faust's default (1,200 s) is also aiokafka's wait for a topic's metadata: a reply to a missing topic
         # could stall the producer for 20 minutes. A few seconds bound every produce and metadata wait.
         producer_request_timeout=k.producer_request_timeout_seconds,

@@ -25,6 +25,7 @@ from typing import Any
 import faust
 from aiokafka.errors import KafkaError
 
+from pipeline import metrics as m
 from pipeline.errors import BrokerUnavailableError
 from pipeline.query import Admitted, QueryService, Reply, UnknownReplyTopic
 
@@ -96,6 +97,16 @@ class FaustReplies:
                 await self._listing
 
 
+def _observe_consume(event: Any) -> None:
+    """The ``consume`` stage: from the record's timestamp (the client's clock when it produced it, or the
+    broker's with LogAppendTime) to the agent seeing it; skipped when the record has none or clocks disagree."""
+    stamp = getattr(getattr(event, "message", None), "timestamp", None)
+    if isinstance(stamp, int | float) and stamp > 0:
+        lag = time.time() - stamp
+        if 0 <= lag < 3600:
+            m.QUERY_STAGE_SECONDS.labels(stage="consume").observe(lag)
+
+
 def install_query_agent(app: faust.App, service: QueryService, topic_name: str) -> Any:
     queries = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
@@ -124,6 +135,7 @@ def install_query_agent(app: faust.App, service: QueryService, topic_name: str) 
 
         try:
             async for event in manual.events():
+                _observe_consume(event)
                 outcome = service.admit(event.key, event.value)
                 if isinstance(outcome, Admitted):
                     spawn(serve(event, outcome))

@@ -332,8 +332,13 @@ async def ensure_topics(settings: Settings) -> None:
     Reply topics are per tenant (``<replies_topic>.<tenant>``) and are never created by the worker: a client (or
     the deployment, with per-tenant ACLs) creates its tenant's topic."""
     k = settings.kafka
-    plain = {k.documents_topic: k.partitions, k.queries_topic: k.partitions}
-    await create_topics(k, plain, k.replication_factor)
+    await create_topics(k, {k.documents_topic: k.partitions}, k.replication_factor)
+    # a request's timestamp is the broker's append time: the worker's ``consume`` stage (that timestamp to the
+    # agent, vectorstream_query_stage_seconds) then measures its own fetch path, not the client's clock or
+    # its producer's queue
+    await create_topics(
+        k, {k.queries_topic: k.partitions}, k.replication_factor, configs={"message.timestamp.type": "LogAppendTime"}
+    )
     await create_topics(
         k,
         {k.dead_letter_topic: k.partitions},

@@ -76,8 +76,27 @@ QUERIES_EXPIRED = Counter("vectorstream_queries_expired_total", "Requests droppe
 QUERY_IN_FLIGHT = Gauge("vectorstream_queries_in_flight", "Queries being served right now")
 QUERY_EMBED_BATCH = Histogram(
     "vectorstream_query_embedding_batch_size",
-    "Query texts embedded together in one micro-batch",
+    "Query texts embedded together in one batch (sized by what waited while the model was busy)",
     buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+#: fine-grained where a query's stages live (0.1 ms to 50 ms), coarser above for the slow tail
+_STAGE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02,
+    0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5,
+)  # fmt: skip
+#: the stages of one query, in order (the ``stage`` label of vectorstream_query_stage_seconds)
+QUERY_STAGES = ("consume", "decode", "auth", "queue_wait", "embed", "search", "encode", "produce")
+QUERY_STAGE_SECONDS = Histogram(
+    "vectorstream_query_stage_seconds",
+    "Time one query spent in each stage of the worker: consume (the record's timestamp to the agent), decode, "
+    "auth, queue_wait (admitted to its embedding starting), embed, search, encode (the reply), produce",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+)
+QUERY_EMBED_CACHE = Counter(
+    "vectorstream_query_embedding_cache_total",
+    "Query texts looked up in the vector cache, by result (hit, miss, shared: joined an identical text's embedding)",
+    ["result"],
 )
 RECALL = Gauge("vectorstream_recall_at_k", "Online recall@k of HNSW against exact search (sampled queries)")
 RECALL_SAMPLES = Counter("vectorstream_recall_samples_total", "Live queries re-run exactly to measure recall")
@@ -102,6 +121,10 @@ def _export_known_label_values() -> None:
         QUERY_SECONDS.labels(outcome=outcome)
     for code in ErrorCode:
         QUERY_ERRORS.labels(code=code.value)
+    for stage in QUERY_STAGES:
+        QUERY_STAGE_SECONDS.labels(stage=stage)
+    for result in ("hit", "miss", "shared"):
+        QUERY_EMBED_CACHE.labels(result=result)
     for why in ("no_reply_topic", "unknown_topic", "timeout", "broker_error", "backlog"):
         QUERY_REPLIES_FAILED.labels(reason=why)
 

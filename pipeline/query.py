@@ -14,8 +14,9 @@ Serving one request, in order (the agent calls :meth:`QueryService.admit` inline
    answered ``overloaded`` at once. Any failure here is an error reply and no vector-store call. A request
    that fails before its token was verified is answered only on the reply topic of the tenant it names, and
    only when it named that very topic; otherwise it is dropped and counted.
-2. ``run``: within the request's remaining deadline, wait for a slot, embed the text in a micro-batch with the
-   other queries of the moment, and search with ONE filter: tenant AND access rule AND the caller's filter
+2. ``run``: within the request's remaining deadline, wait for a slot, embed the text (at once when the model
+   is idle, else in one batch with the other questions waiting; identical questions once; recent ones from a
+   cache: :class:`MicroBatcher`), and search with ONE filter: tenant AND access rule AND the caller's filter
    (the store enforces it inside HNSW; nothing is filtered afterwards). When HNSW returns fewer than top_k
    hits, few chunks pass the filter and the graph among them may be disconnected, so the search is re-run
    exactly (cheap at that size): a small tenant or a narrow filter still finds every readable match.
@@ -27,6 +28,10 @@ Serving one request, in order (the agent calls :meth:`QueryService.admit` inline
    ``vectorstream_query_replies_failed_total{reason}`` and dropped; the worker goes on. A crash before the
    reply was confirmed replays the request; the client ignores a second reply.
 
+Each stage's time goes to ``vectorstream_query_stage_seconds{stage}``: decode, auth (``admit``), queue_wait
+(admitted until its embedding starts: a slot, a busy model), embed, search, encode (the reply) and produce;
+the agent adds consume (the record's timestamp until the agent saw it).
+
 A fraction of live HNSW queries (``query.recall_sample_rate``) is re-run exactly in the background to keep
 ``vectorstream_recall_at_k`` current.
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import random
@@ -87,8 +93,9 @@ class Reply:
     def key(self) -> bytes:
         return self.request_id.encode()
 
-    @property
+    @functools.cached_property
     def value(self) -> bytes:
+        """The encoded reply (encoded once: the service times it as the ``encode`` stage)."""
         return self.body.model_dump_json(exclude_none=True).encode()
 
     @property
@@ -114,71 +121,143 @@ class ReplySink(Protocol):
 REPLY_FAILURES = ("no_reply_topic", "unknown_topic", "timeout", "broker_error", "backlog")
 
 
-# --- micro-batched embedding -------------------------------------------------------------------------------
+# --- batched, deduplicated, cached query embedding --------------------------------------------------------
+
+
+class _Slot:
+    """One distinct text waiting for (or being given) its vector; every caller asking for it shares it."""
+
+    __slots__ = ("future", "started", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[np.ndarray] = loop.create_future()
+        # an error nobody is left to see must not be logged as "never retrieved"
+        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        #: monotonic time its batch went to the model (None while it waits)
+        self.started: float | None = None
+        self.waiters = 0
 
 
 class MicroBatcher:
-    """Collects query texts for up to ``window`` seconds (or ``max_batch`` texts), then embeds them in one call.
+    """Query texts into vectors: embedded at once when the model is idle, batched while it is busy.
 
-    While one batch is being embedded the next one fills up, so under load batches grow by themselves.
+    There is no collection window. A text that finds the model idle goes to it in the next loop turn (with
+    whatever else arrived in the same turn); texts that arrive while a batch is being embedded wait for it and
+    then go together, up to ``max_batch``: batches are sized by what is waiting, so they grow with load and
+    add no delay without it. Identical texts of the same moment (waiting or being embedded) are embedded
+    once and share the vector; the ``cache_size`` most recently used vectors are kept, keyed by model and
+    text (0 disables the cache). A caller that gives up while its text waits leaves the batch; one that
+    gives up while it is being embedded does not disturb the others sharing it.
     """
 
-    def __init__(self, encode: Callable[[list[str]], Awaitable[np.ndarray]], *, window: float, max_batch: int):
+    def __init__(
+        self,
+        encode: Callable[[list[str]], Awaitable[np.ndarray]],
+        *,
+        max_batch: int,
+        cache_size: int = 0,
+        model: str = "",
+    ) -> None:
         self._encode = encode
-        self._window = window
         self._max = max_batch
-        self._pending: collections.deque[tuple[str, asyncio.Future[np.ndarray]]] = collections.deque()
-        self._arrived = asyncio.Event()
-        self._full = asyncio.Event()
+        self._model = model
+        self._cache_size = cache_size
+        self._cache: collections.OrderedDict[tuple[str, str], np.ndarray] = collections.OrderedDict()
+        #: texts waiting for a batch, in arrival order
+        self._waiting: dict[str, _Slot] = {}
+        #: texts of the batch being embedded now
+        self._running: dict[str, _Slot] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def embed(self, text: str) -> np.ndarray:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="query-embed-batcher")
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending.append((text, fut))
-        self._arrived.set()
-        if len(self._pending) >= self._max:
-            self._full.set()
-        return await fut
+        vector, _ = await self.embed_timed(text)
+        return vector
 
-    async def _loop(self) -> None:
-        while True:
-            await self._arrived.wait()
-            if self._window > 0 and len(self._pending) < self._max:
-                try:
-                    async with asyncio.timeout(self._window):
-                        await self._full.wait()
-                except TimeoutError:
-                    pass
-            batch = [self._pending.popleft() for _ in range(min(self._max, len(self._pending)))]
-            if not self._pending:
-                self._arrived.clear()
-            if len(self._pending) < self._max:
-                self._full.clear()
-            live = [(text, fut) for text, fut in batch if not fut.done()]  # skip callers that gave up
-            if not live:
+    async def embed_timed(self, text: str) -> tuple[np.ndarray, float]:
+        """The unit vector of ``text``, and the monotonic time its embedding started (the moment it left the
+        queue: for a cache hit or a text that joined one being embedded, the moment it asked)."""
+        key = (self._model, text)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            m.QUERY_EMBED_CACHE.labels(result="hit").inc()
+            return cached, time.monotonic()
+        slot = self._running.get(text)
+        if slot is not None:
+            m.QUERY_EMBED_CACHE.labels(result="shared").inc()
+            asked = time.monotonic()
+            return await asyncio.shield(slot.future), asked
+        slot = self._waiting.get(text)
+        if slot is None:
+            slot = self._waiting[text] = _Slot(asyncio.get_running_loop())
+            m.QUERY_EMBED_CACHE.labels(result="miss").inc()
+        else:
+            m.QUERY_EMBED_CACHE.labels(result="shared").inc()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="query-embed")
+        slot.waiters += 1
+        try:
+            vector = await asyncio.shield(slot.future)
+        finally:
+            slot.waiters -= 1
+        assert slot.started is not None
+        return vector, slot.started
+
+    async def _drain(self) -> None:
+        """Embed what is waiting, batch after batch, until nothing is; then end (the next text starts anew)."""
+        while self._waiting:
+            batch: dict[str, _Slot] = {}
+            for text in list(self._waiting):
+                slot = self._waiting.pop(text)
+                if slot.waiters > 0:  # skip texts whose callers all gave up
+                    batch[text] = slot
+                if len(batch) >= self._max:
+                    break
+            if not batch:
                 continue
-            m.QUERY_EMBED_BATCH.observe(len(live))
+            started = time.monotonic()
+            for slot in batch.values():
+                slot.started = started
+            self._running = batch
+            m.QUERY_EMBED_BATCH.observe(len(batch))
             try:
-                vectors = await self._encode([text for text, _ in live])
+                vectors = await self._encode(list(batch))
             except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                for slot in batch.values():
+                    if not slot.future.done():
+                        slot.future.set_exception(exc)
                 continue
-            for i, (_, fut) in enumerate(live):
-                if not fut.done():
-                    fut.set_result(vectors[i])
+            finally:
+                self._running = {}
+            for i, (text, slot) in enumerate(batch.items()):
+                vector = vectors[i]
+                vector.setflags(write=False)  # shared by every caller of the text, and by the cache
+                self._remember(text, vector)
+                if not slot.future.done():
+                    slot.future.set_result(vector)
+
+    def _remember(self, text: str, vector: np.ndarray) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[(self._model, text)] = vector
+        self._cache.move_to_end((self._model, text))
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    @property
+    def cached(self) -> int:
+        """Vectors in the cache now."""
+        return len(self._cache)
 
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        while self._pending:
-            _, fut = self._pending.popleft()
-            fut.cancel()
+        for slot in [*self._waiting.values(), *self._running.values()]:
+            slot.future.cancel()
+        self._waiting.clear()
+        self._running = {}
 
 
 # --- the service -------------------------------------------------------------------------------------------
@@ -202,6 +281,8 @@ class Admitted:
     arrived: float
     #: the verified tenant's reply topic (the request named it)
     topic: str
+    #: monotonic time the checks ended (queue_wait starts here)
+    admitted_at: float = 0.0
 
 
 class QueryService:
@@ -228,7 +309,10 @@ class QueryService:
         self._admitted = 0
         self._limit = self.cfg.max_concurrency + self.cfg.max_queue
         self._batcher = MicroBatcher(
-            embedder.encode_query, window=self.cfg.batch_window_ms / 1000, max_batch=self.cfg.max_batch
+            embedder.encode_query,
+            max_batch=self.cfg.max_batch,
+            cache_size=self.cfg.embed_cache_size,
+            model=embedder.name,
         )
         self._recall: collections.deque[float] = collections.deque(maxlen=self.cfg.recall_window)
         self._sampling: asyncio.Task[None] | None = None
@@ -271,6 +355,7 @@ class QueryService:
         try:
             req = QueryRequest.model_validate_json(value)
         except ValidationError as exc:
+            _stage("decode", arrived)
             if self._expired(salvaged.get("deadline_ms")):
                 m.QUERIES_EXPIRED.inc()
                 return None
@@ -281,17 +366,20 @@ class QueryService:
                 code, message = ErrorCode.BAD_REQUEST, f"not a valid query request: {_describe(exc)}"
             return unverified(code, message, salvaged.get("tenant_id"), salvaged.get("reply_topic"))
         request_id = req.request_id
+        decoded = _stage("decode", arrived)
         if self._expired(req.deadline_ms):
             m.QUERIES_EXPIRED.inc()
             return None
         try:
             principal = self.verifier.verify(req.token)
         except AuthError as exc:
+            _stage("auth", decoded)
             return unverified(exc.code, str(exc), req.tenant_id, req.reply_topic)
         # from here on the tenant is known: every reply goes to its own topic, whatever the request named
         topic = self.reply_topic(principal.tenant_id)
 
         def error(code: ErrorCode, message: str) -> Reply:
+            _stage("auth", decoded)
             return Reply(topic, request_id, failure(request_id, code, message), arrived)
 
         if principal.tenant_id != req.tenant_id:
@@ -320,7 +408,7 @@ class QueryService:
             )
         self._admitted += 1
         m.QUERY_IN_FLIGHT.inc()
-        return Admitted(req, principal, flt, ef, arrived, topic)
+        return Admitted(req, principal, flt, ef, arrived, topic, _stage("auth", decoded))
 
     def _expired(self, deadline_ms: Any) -> bool:
         return (
@@ -339,7 +427,11 @@ class QueryService:
             try:
                 async with asyncio.timeout(max(remaining, 0)):
                     async with self._slots:
-                        vector = await self._batcher.embed(req.query)
+                        vector, started = await self._batcher.embed_timed(req.query)
+                        m.QUERY_STAGE_SECONDS.labels(stage="queue_wait").observe(
+                            max(0.0, started - (job.admitted_at or job.arrived))
+                        )
+                        searching = _stage("embed", started)
                         exact = bool(req.search and req.search.exact)
                         values: list[float] = vector.tolist()  # the store port takes a plain sequence
                         hits = await self.store.search(
@@ -349,6 +441,8 @@ class QueryService:
                             # fewer hits than asked: few chunks pass the filter, and filtered HNSW can miss
                             # some of them (the graph among them is sparse); exact search over so few is cheap
                             hits = await self.store.search(values, flt=job.flt, limit=req.top_k, exact=True)
+                        _stage("search", searching)
+                encoding = time.monotonic()
                 body: QueryResult | QueryFailure = QueryResult(
                     request_id=req.request_id,
                     hits=[_hit(h, text=req.with_text, metadata=req.with_metadata) for h in hits],
@@ -374,6 +468,9 @@ class QueryService:
             self._admitted -= 1
             m.QUERY_IN_FLIGHT.dec()
         reply = Reply(job.topic, req.request_id, body, job.arrived)
+        if isinstance(body, QueryResult):
+            reply.value  # noqa: B018 - encoded here, once, to time it apart from the produce
+            _stage("encode", encoding)
         await self.send(reply)
         if reply.ok and vector is not None and not (req.search and req.search.exact):
             self._maybe_sample_recall(vector, job, hits)
@@ -382,9 +479,11 @@ class QueryService:
     async def send(self, reply: Reply) -> bool:
         """Produce a reply within ``query.reply_timeout_seconds`` and account for it. Never raises: a reply that
         is not delivered is counted by reason, logged and dropped. True when the broker confirmed it."""
+        producing = time.monotonic()
         try:
             async with asyncio.timeout(self.cfg.reply_timeout_seconds):
                 await self.sink.send(reply)
+            _stage("produce", producing)
         except UnknownReplyTopic:
             # what an unauthenticated caller gets for naming a topic that does not exist: no log line per request
             reason = "unknown_topic"
@@ -476,6 +575,13 @@ def _hit(hit: Hit, *, text: bool, metadata: bool) -> QueryHit:
         text=str(p.get(TEXT) or "") if text else None,
         metadata=dict(p.get(META_PREFIX) or {}) if metadata else None,
     )
+
+
+def _stage(stage: str, since: float) -> float:
+    """Observe ``stage`` as lasting from ``since`` (monotonic) to now; returns now."""
+    now = time.monotonic()
+    m.QUERY_STAGE_SECONDS.labels(stage=stage).observe(now - since)
+    return now
 
 
 def _ms_since(start: float) -> float:

@@ -6,6 +6,7 @@ Every default works on a laptop; production differs only by environment variable
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -164,6 +165,36 @@ QDRANT_COLLECTION_NAME_FORBIDDEN = '<>:"/\\|?*\x00\x1f'
 REGISTRY_SUFFIX = "__registry"
 
 
+#: the payload index types a metadata field may be declared with (store.metadata_indexes)
+METADATA_INDEX_TYPES = ("keyword", "integer", "float", "bool")
+#: a metadata key as document events allow it (schemas.events.MetaKey)
+_META_KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def parse_metadata_indexes(spec: str) -> dict[str, str]:
+    """``"lang:keyword,year:integer"`` into ``{"lang": "keyword", "year": "integer"}``; ValueError naming the
+    entry that is wrong (not ``key:type``, a key that is no metadata key, an unknown type, a key twice)."""
+    out: dict[str, str] = {}
+    for raw in spec.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        key, sep, kind = (part.strip() for part in entry.partition(":"))
+        where = f"store.metadata_indexes (VECTORSTREAM_STORE__METADATA_INDEXES) entry {entry!r}"
+        if not sep or not key or not kind:
+            raise ValueError(f"{where} is not field:type (e.g. lang:keyword,year:integer)")
+        if not _META_KEY.fullmatch(key):
+            raise ValueError(
+                f"{where}: {key!r} is not a metadata key (lower-case letters, digits and _, starting with a letter)"
+            )
+        if kind.lower() not in METADATA_INDEX_TYPES:
+            raise ValueError(f"{where}: the type must be one of {', '.join(METADATA_INDEX_TYPES)}, not {kind!r}")
+        if key in out:
+            raise ValueError(f"{where}: {key!r} is declared more than once")
+        out[key] = kind.lower()
+    return out
+
+
 class StoreSettings(BaseModel):
     #: "edge": Qdrant Edge in-process, persisted under path (the embedded default);
     #: "qdrant": a Qdrant server at url (or qdrant-client's local mode when url is empty and local_path set);
@@ -228,6 +259,24 @@ class StoreSettings(BaseModel):
     index_idle_seconds: float = Field(default=2.0, gt=0)
     #: ... or as soon as this many points are unindexed
     index_max_unindexed_points: int = Field(default=20_000, ge=1)
+    #: Qdrant Edge: threads that run searches, apart from the one thread of writes and index builds (a search
+    #: then never waits behind an upsert or an index build; Edge releases the GIL while it searches)
+    edge_search_threads: int = Field(default=2, ge=1, le=64)
+    #: payload indexes for metadata fields that callers filter on, created at start-up: "field:type,..." with
+    #: type keyword, integer, float or bool (e.g. "lang:keyword,year:integer,tags:keyword"; a list-valued field
+    #: takes its elements' type). A filter on an undeclared field still works, but is slower
+    metadata_indexes: str = ""
+
+    @field_validator("metadata_indexes")
+    @classmethod
+    def _metadata_indexes_parse(cls, value: str) -> str:
+        parse_metadata_indexes(value)  # raises with a message naming the entry
+        return value
+
+    @property
+    def metadata_index_map(self) -> dict[str, str]:
+        """The declared metadata indexes: metadata key -> type."""
+        return parse_metadata_indexes(self.metadata_indexes)
 
     @model_validator(mode="after")
     def _within_the_qdrant_servers_limits(self) -> StoreSettings:
@@ -315,10 +364,12 @@ class QuerySettings(BaseModel):
     max_concurrency: int = Field(default=16, ge=1, le=1024)
     #: ... and admitted ones waiting for a slot; beyond both a request is answered ``overloaded`` at once
     max_queue: int = Field(default=256, ge=0, le=100_000)
-    #: query texts arriving within this window are embedded together, up to max_batch of them
-    batch_window_ms: float = Field(default=2.0, ge=0, le=1000)
-    #: the most query texts embedded together (see batch_window_ms)
+    #: the most query texts embedded together. There is no batching window: a question that finds the model
+    #: idle is embedded at once; those arriving while it is busy wait for it and then go together, up to this
     max_batch: int = Field(default=32, ge=1, le=1024)
+    #: the vectors of this many recently asked questions are kept (keyed by model and text), so a repeated
+    #: question is not embedded again; 0 disables the cache
+    embed_cache_size: int = Field(default=4096, ge=0, le=10_000_000)
     #: a request larger than this is a bad request
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     #: fraction of live queries re-run with exact search to measure recall (vectorstream_recall_at_k)

@@ -17,10 +17,11 @@ access conditions hit B-tree and GIN indexes; ``payload`` stays the whole truth 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,6 +40,7 @@ from pipeline.store.base import (
     ACL_PUBLIC,
     ACL_USERS,
     DOC,
+    META_PREFIX,
     TENANT,
     VERSION,
     ChunkPoint,
@@ -110,7 +112,11 @@ class PgVectorStore(VectorStore):
         pool_min_size: int = 1,
         pool_max_size: int = 4,
         timeout_seconds: float = 10.0,
+        metadata_indexes: Mapping[str, str] | None = None,
     ) -> None:
+        #: metadata key -> declared index type (store.metadata_indexes): an expression index each, and the
+        #: filter compiler writes their conditions in the form that index serves
+        self._metadata_indexes = dict(metadata_indexes or {})
         if not _NAME.match(collection):
             raise ConfigurationError(
                 f"collection {collection!r} cannot name a PostgreSQL table: use 1-40 lower-case letters, digits "
@@ -147,6 +153,7 @@ class PgVectorStore(VectorStore):
             max_scan_tuples=settings.pgvector_max_scan_tuples,
             pool_max_size=settings.postgres_pool_size,
             timeout_seconds=settings.timeout_seconds,
+            metadata_indexes=settings.metadata_index_map,
         )
 
     @property
@@ -251,6 +258,7 @@ class PgVectorStore(VectorStore):
             for relation, statement in self._ddl(dim):
                 if not await self._exists(conn, relation):
                     await conn.execute(statement)
+            await self._ensure_metadata_indexes(conn)
             await self._ensure_policies(conn)
             if stored is None:
                 await conn.execute(
@@ -356,6 +364,75 @@ class PgVectorStore(VectorStore):
         ]
         names = [name, f"{name}_hnsw", f"{name}_doc", f"{name}_acl_users", f"{name}_acl_groups", f"{name}_payload"]
         return list(zip([*names, registry], statements, strict=True))
+
+    def metadata_index_names(self, key: str) -> tuple[str, str]:
+        """The two indexes of declared metadata key ``key``: on its value column, and the partial one on the
+        rows where it holds a list (names within PostgreSQL's 63 bytes: a hash of the key when needed)."""
+        name = f"{self._collection}_{_meta_column(key)}"
+        if len(name) > 61:
+            name = f"{self._collection}_meta_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+        return name, f"{name}_l"
+
+    async def _ensure_metadata_indexes(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Each declared metadata field gets two generated (stored) columns and an index on each: its scalar
+        value (text, boolean, or double precision for integer and float) with a B-tree, and whether it holds
+        a list, with a partial index on those rows.
+
+        Not expression indexes on the jsonb: Row-Level Security is forced on the table, and PostgreSQL then
+        uses an index only for conditions whose operators are leakproof, which no jsonb or array operator
+        is (=, <, > on text, float8 and boolean are). A condition on a declared field is compiled to
+        ``value = x OR (is_list AND <the jsonb test>)``: both arms are indexed, so a selective filter is a
+        bitmap scan instead of a walk over every row. A column of the wrong type (the declaration changed)
+        is dropped and made again. Adding a stored column rewrites the table, in the start-up transaction:
+        on a large table that blocks writes while it runs, once."""
+        for key, kind in self._metadata_indexes.items():
+            column = _meta_column(key)
+            sql_type = _SQL_TYPES[kind]
+            cur = await conn.execute(
+                "SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = %s AND column_name = %s",
+                (self._collection, column),
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] == sql_type:
+                continue
+            value, is_list = sql.Identifier(column), sql.Identifier(f"{column}_list")
+            if row is not None:
+                log.info("metadata index %s: its column becomes %s (declared %s)", key, sql_type, kind)
+                await conn.execute(
+                    sql.SQL("ALTER TABLE {} DROP COLUMN {}, DROP COLUMN IF EXISTS {}").format(
+                        self._chunks, value, is_list
+                    )
+                )
+            e = _meta_expr(key)
+            await conn.execute(
+                sql.SQL(
+                    "ALTER TABLE {c} ADD COLUMN {v} {t} GENERATED ALWAYS AS "
+                    "(CASE WHEN jsonb_typeof({e}) = {j} THEN {cast} END) STORED, "
+                    "ADD COLUMN IF NOT EXISTS {l} boolean GENERATED ALWAYS AS "
+                    "(coalesce(jsonb_typeof({e}) = 'array', false)) STORED"
+                ).format(
+                    c=self._chunks,
+                    v=value,
+                    t=sql.SQL(sql_type),
+                    e=e,
+                    j=sql.Literal(_JSON_TYPES[kind]),
+                    cast=(sql.SQL("{} ->> {}").format(sql.SQL("(payload -> 'meta')"), sql.Literal(key)))
+                    if kind == "keyword"
+                    else sql.SQL("({})::{}").format(e, sql.SQL(sql_type)),
+                    l=is_list,
+                )
+            )
+            index, list_index = self.metadata_index_names(key)
+            await conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(sql.Identifier(index), self._chunks, value)
+            )
+            await conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (id) WHERE {}").format(
+                    sql.Identifier(list_index), self._chunks, is_list
+                )
+            )
+            log.info("pgvector collection %r: metadata %r indexed as %s (%s)", self._collection, key, kind, index)
 
     async def _ensure_policies(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Row-Level Security on both tables: a transaction sees the rows of the tenant it declared, or all
@@ -583,14 +660,14 @@ class PgVectorStore(VectorStore):
         return {str(pid): _floats(vec) for pid, vec in rows}
 
     async def count(self, flt: Filter | None = None) -> int:
-        where = compile_filter(flt)
+        where = compile_filter(flt, self._metadata_indexes)
         async with self._tx(_Scope.of(flt)) as cur:
             await cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE ").format(self._chunks) + where.sql, where.params)
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
     async def scroll(self, flt: Filter | None = None, *, limit: int = 10_000) -> list[Hit]:
-        where = compile_filter(flt)
+        where = compile_filter(flt, self._metadata_indexes)
         async with self._tx(_Scope.of(flt)) as cur:
             await cur.execute(
                 sql.SQL("SELECT id, payload FROM {} WHERE ").format(self._chunks)
@@ -630,7 +707,7 @@ class PgVectorStore(VectorStore):
         exact: bool,
         with_vectors: bool,
     ) -> list[Hit]:
-        where = compile_filter(flt)
+        where = compile_filter(flt, self._metadata_indexes)
         columns = sql.SQL("id, payload, embedding <=> %s AS distance") + (
             sql.SQL(", embedding") if with_vectors else sql.SQL("")
         )
@@ -774,21 +851,41 @@ _ARRAY_COLUMNS = {ACL_USERS: "acl_users", ACL_GROUPS: "acl_groups"}
 _RANGE_OPS = (("gt", ">"), ("gte", ">="), ("lt", "<"), ("lte", "<="))
 
 
-def compile_filter(flt: Filter | None) -> Where:
+#: the column type of each declared metadata type, and the JSON type its values have
+_SQL_TYPES = {"keyword": "text", "bool": "boolean", "integer": "double precision", "float": "double precision"}
+_JSON_TYPES = {"keyword": "string", "bool": "boolean", "integer": "number", "float": "number"}
+
+
+def _meta_column(key: str) -> str:
+    """The generated column of declared metadata key ``key`` (and ``<it>_list``), within 63 bytes."""
+    name = f"meta_{key}"
+    return name if len(name) <= 55 else f"meta_{key[:41]}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _meta_expr(key: str) -> sql.Composed:
+    """``payload -> 'meta' -> 'key'``; the key is a literal in the generated column's DDL. Keys reach here
+    validated (``[a-z][a-z0-9_]*``, store.metadata_indexes) and quoted by psycopg."""
+    return sql.SQL("(payload -> {} -> {})").format(sql.Literal(META_PREFIX), sql.Literal(key))
+
+
+def compile_filter(flt: Filter | None, indexed: Mapping[str, str] | None = None) -> Where:
     """The store-neutral filter as a WHERE expression. SQL text comes only from fixed fragments in this module;
-    keys travel as ``text[]`` paths or inside bound jsonb documents, values as bound parameters."""
+    keys travel as ``text[]`` paths or inside bound jsonb documents, values as bound parameters; a metadata
+    key declared in ``indexed`` (key -> type, store.metadata_indexes) is tested on its generated columns
+    (``PgVectorStore._ensure_metadata_indexes``), whose names come from the validated key."""
     if flt is None:
         return _TRUE
-    return _filter(flt)
+    return _filter(flt, dict(indexed or {}))
 
 
-def _filter(flt: Filter) -> Where:
-    parts: list[Where] = [_condition(c) for c in flt.must]
+def _filter(flt: Filter, indexed: dict[str, str]) -> Where:
+    parts: list[Where] = [_condition(c, indexed) for c in flt.must]
     if flt.should:
-        parts.append(_join([_condition(c) for c in flt.should], " OR "))
+        parts.append(_join([_condition(c, indexed) for c in flt.should], " OR "))
     if flt.must_not:
-        inner = _join([_condition(c) for c in flt.must_not], " OR ")
-        parts.append(Where(sql.SQL("NOT ") + inner.sql, inner.params))
+        inner = _join([_condition(c, indexed) for c in flt.must_not], " OR ")
+        # an indexed condition is NULL where the field is missing: NOT must see that as false, not as NULL
+        parts.append(Where(sql.SQL("NOT coalesce(") + inner.sql + sql.SQL(", false)"), inner.params))
     if not parts:
         return _TRUE
     return _join(parts, " AND ")
@@ -801,19 +898,48 @@ def _join(parts: list[Where], op: str) -> Where:
     return Where(sql.SQL("(") + joined + sql.SQL(")"), tuple(v for p in parts for v in p.params))
 
 
-def _condition(cond: Condition) -> Where:
+def _condition(cond: Condition, indexed: dict[str, str]) -> Where:
     if isinstance(cond, Filter):
-        inner = _filter(cond)
+        inner = _filter(cond, indexed)
         return Where(sql.SQL("(") + inner.sql + sql.SQL(")"), inner.params)
+    kind = _indexed_kind(cond.key, indexed)
     if isinstance(cond, Match):
-        return _match(cond.key, cond.value)
+        return _match(cond.key, cond.value, kind)
     if isinstance(cond, MatchAny):
         if not cond.values:
             return _FALSE
-        return _join([_match(cond.key, v) for v in cond.values], " OR ")
+        return _join([_match(cond.key, v, kind) for v in cond.values], " OR ")
     if isinstance(cond, Range):
-        return _range(cond)
+        return _range(cond, kind)
     raise TypeError(f"not a filter condition: {cond!r}")
+
+
+def _indexed_kind(key: str, indexed: dict[str, str]) -> str | None:
+    prefix, dot, meta = key.partition(".")
+    return indexed.get(meta) if dot and prefix == META_PREFIX else None
+
+
+def _indexed_match(key: str, value: str | int | bool, kind: str) -> Where | None:
+    """A match on a declared metadata field through its columns: the scalar value, or a list holding it
+    (the general form, on the list rows only); None when ``value`` is not of the declared type."""
+    meta = key.partition(".")[2]
+    column = _meta_column(meta)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "keyword" and isinstance(value, str):
+        bound: Any = value
+    elif kind == "bool" and isinstance(value, bool):
+        bound = value
+    elif kind in ("integer", "float") and number:
+        bound = float(value)
+    else:
+        return None
+    general = _match(key, value)
+    return Where(
+        sql.SQL("({} = %s OR ({} AND ").format(sql.Identifier(column), sql.Identifier(f"{column}_list"))
+        + general.sql
+        + sql.SQL("))"),
+        (bound, *general.params),
+    )
 
 
 def _path(key: str) -> list[str]:
@@ -830,9 +956,13 @@ def _nest(path: list[str], leaf: Any) -> Any:
     return doc
 
 
-def _match(key: str, value: str | int | bool) -> Where:
+def _match(key: str, value: str | int | bool, kind: str | None = None) -> Where:
     if not isinstance(value, str | int | bool | float):
         raise ValueError(f"a match value must be a string, integer or boolean, not {type(value).__name__}")
+    if kind is not None:
+        served = _indexed_match(key, value, kind)
+        if served is not None:
+            return served
     if key in _TEXT_COLUMNS and isinstance(value, str):
         return Where(sql.SQL("{} = %s").format(sql.Identifier(_TEXT_COLUMNS[key])), (value,))
     if key in _ARRAY_COLUMNS and isinstance(value, str):
@@ -852,11 +982,28 @@ def _match(key: str, value: str | int | bool) -> Where:
     )
 
 
-def _range(cond: Range) -> Where:
+def _range(cond: Range, kind: str | None = None) -> Where:
     bounds = {name: getattr(cond, name) for name, _ in _RANGE_OPS if getattr(cond, name) is not None}
     for name, bound in bounds.items():
         if isinstance(bound, bool) or not isinstance(bound, int | float):
             raise ValueError(f"a range bound must be a number, not {bound!r} ({name})")
+    general = _range_general(cond, bounds)
+    if kind not in ("integer", "float") or not bounds:
+        return general
+    # a declared numeric field: its scalar value within the bounds (a B-tree range), or a list holding one
+    column = _meta_column(cond.key.partition(".")[2])
+    tests = [sql.SQL("{} " + op + " %s").format(sql.Identifier(column)) for name, op in _RANGE_OPS if name in bounds]
+    return Where(
+        sql.SQL("((")
+        + sql.SQL(" AND ").join(tests)
+        + sql.SQL(") OR ({} AND ").format(sql.Identifier(f"{column}_list"))
+        + general.sql
+        + sql.SQL("))"),
+        (*(float(bounds[name]) for name, _ in _RANGE_OPS if name in bounds), *general.params),
+    )
+
+
+def _range_general(cond: Range, bounds: dict[str, Any]) -> Where:
     if cond.key == VERSION:
         tests = [sql.SQL("version " + op + " %s") for name, op in _RANGE_OPS if name in bounds]
         if not tests:

@@ -10,7 +10,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,6 +26,7 @@ from pipeline.store.base import (
     ACL_PUBLIC,
     ACL_USERS,
     DOC,
+    META_PREFIX,
     TENANT,
     VERSION,
     ChunkPoint,
@@ -79,6 +80,17 @@ _CHUNK_INDEXES: tuple[tuple[str, Any], ...] = (
     (ACL_GROUPS, models.PayloadSchemaType.KEYWORD),
 )
 
+#: the payload index of a metadata field declared with each type (store.metadata_indexes)
+_METADATA_SCHEMAS: dict[str, tuple[models.PayloadSchemaType, Any]] = {
+    "keyword": (models.PayloadSchemaType.KEYWORD, models.PayloadSchemaType.KEYWORD),
+    "integer": (
+        models.PayloadSchemaType.INTEGER,
+        models.IntegerIndexParams(type=models.IntegerIndexType.INTEGER, lookup=True, range=True),
+    ),
+    "float": (models.PayloadSchemaType.FLOAT, models.PayloadSchemaType.FLOAT),
+    "bool": (models.PayloadSchemaType.BOOL, models.PayloadSchemaType.BOOL),
+}
+
 #: HTTP statuses that mean "try again later" rather than "the request is wrong"
 _RETRIABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _RETRIABLE_GRPC = frozenset(
@@ -119,7 +131,10 @@ class QdrantStore(VectorStore):
         shard_number: int = 1,
         replication_factor: int = 1,
         write_consistency_factor: int = 1,
+        metadata_indexes: Mapping[str, str] | None = None,
     ) -> None:
+        #: metadata key -> declared index type (store.metadata_indexes)
+        self._metadata_indexes = dict(metadata_indexes or {})
         if sum(x is not None for x in (url, path, location)) != 1:
             raise ConfigurationError("QdrantStore needs exactly one of url (server), path or location (local mode)")
         self._collection = collection
@@ -168,6 +183,7 @@ class QdrantStore(VectorStore):
             shard_number=settings.shard_number,
             replication_factor=settings.replication_factor,
             write_consistency_factor=settings.write_consistency_factor,
+            metadata_indexes=settings.metadata_index_map,
         )
 
     @property
@@ -250,7 +266,7 @@ class QdrantStore(VectorStore):
                     f"cosine vectors. Either set VECTORSTREAM_STORE__COLLECTION to another collection name, "
                     f"or {self._remedy()} and re-ingest the documents."
                 )
-            existing = set(info.payload_schema or {})
+            existing = dict(info.payload_schema or {})
         else:
             layout = self._layout
             quantization = None
@@ -272,10 +288,29 @@ class QdrantStore(VectorStore):
                 quantization_config=quantization,
                 optimizers_config=models.OptimizersConfigDiff(max_segment_size=layout.max_segment_size_kb),
             )
-            existing = set()
+            existing = {}
         if self.is_local:
-            return  # local mode has no payload indexes (and warns when asked for one)
-        for field_name, schema in _CHUNK_INDEXES:
+            # local mode has no payload indexes (and warns when asked for one): every filter scans the payloads
+            if self._metadata_indexes:
+                log.info("qdrant-client local mode keeps no payload indexes: store.metadata_indexes is not used")
+            return
+        wanted: list[tuple[str, Any]] = list(_CHUNK_INDEXES)
+        for key, kind in self._metadata_indexes.items():
+            name = f"{META_PREFIX}.{key}"
+            data_type, schema = _METADATA_SCHEMAS[kind]
+            if name in existing and existing[name].data_type != data_type:
+                # the declaration changed type: the old index would serve the filters wrongly typed
+                log.info("metadata index %s: %s becomes %s", name, existing[name].data_type, kind)
+                drop = functools.partial(
+                    AsyncQdrantClient.delete_payload_index,
+                    collection_name=self._collection,
+                    field_name=name,
+                    wait=True,
+                )
+                await self._call(f"drop index {name}", drop)
+                del existing[name]
+            wanted.append((name, schema))
+        for field_name, schema in wanted:
             if field_name not in existing:
                 create = functools.partial(
                     AsyncQdrantClient.create_payload_index,

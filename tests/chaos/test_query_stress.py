@@ -69,7 +69,6 @@ async def stressed(apache_kafka, tmp_path_factory, settings):
                 "VECTORSTREAM_QUERY__HS256_SECRET": SECRET,
                 "VECTORSTREAM_QUERY__MAX_CONCURRENCY": str(MAX_CONCURRENCY),
                 "VECTORSTREAM_QUERY__MAX_QUEUE": str(MAX_QUEUE),
-                "VECTORSTREAM_QUERY__BATCH_WINDOW_MS": "5",
             }
         ).start()
         await wait_consuming(w)

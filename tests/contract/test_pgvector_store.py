@@ -84,7 +84,7 @@ async def test_a_tenant_scoped_search_cannot_reach_another_tenant_even_if_the_sq
     await _two_tenants(store)
     import pipeline.store.pgvector as pg
 
-    monkeypatch.setattr(pg, "compile_filter", lambda flt: pg._TRUE)
+    monkeypatch.setattr(pg, "compile_filter", lambda flt, indexed=None: pg._TRUE)
     flt = Filter(must=(Match(TENANT, "a"),))
     for exact in (True, False):
         hits = await store.search(np.ones(DIM), flt=flt, limit=100, exact=exact)

@@ -165,6 +165,14 @@ def test_the_run_is_what_the_dashboard_shows(run: Run) -> None:
         assert value('sum(vectorstream_query_duration_seconds_count{outcome="ok"})') == run.answered
         assert value('sum(vectorstream_query_errors_total{code="unauthenticated"})') == 2
         assert 0 < value("max(vectorstream_recall_at_k)") <= 1
+        # the stage break-down: every answered query passed each stage once (error replies only some)
+        for stage in ("consume", "decode", "auth", "queue_wait", "embed", "search", "encode", "produce"):
+            count = value(f'sum(vectorstream_query_stage_seconds_count{{stage="{stage}"}})')
+            assert count >= run.answered, (stage, count)
+        # the stages are parts of a request's time in the worker, so their sums are within it
+        inside = value('sum(vectorstream_query_stage_seconds_sum{stage=~"queue_wait|embed|search|encode|produce"})')
+        assert 0 < inside <= value("sum(vectorstream_query_duration_seconds_sum)")
+        assert value("sum(vectorstream_query_embedding_cache_total)") >= run.answered
 
 
 @pytest.mark.parametrize("part", ["ingest", "query"])

@@ -171,11 +171,7 @@ def world(tmp_path_factory):
     loop.run_until_complete(store.open(model=HashEmbedder.name, dim=DIM))
     base = Settings(_env_file=None)
     cfg = base.model_copy(
-        update={
-            "query": base.query.model_copy(
-                update={"hs256_secret": SecretStr(SECRET), "recall_sample_rate": 0.0, "batch_window_ms": 0.0}
-            )
-        }
+        update={"query": base.query.model_copy(update={"hs256_secret": SecretStr(SECRET), "recall_sample_rate": 0.0})}
     )
     service = QueryService(cfg, store, HashEmbedder(), Sink())
     yield loop, store, service, cfg

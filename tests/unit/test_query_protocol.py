@@ -53,17 +53,28 @@ def raw(cfg, **over):
     return b"r1", json.dumps(body).encode()
 
 
-async def test_batcher_collects_a_window_then_encodes_once():
+async def test_batcher_embeds_at_once_when_idle_and_batches_what_waits_while_busy():
     calls = []
+    gate = asyncio.Event()
 
     async def encode(texts):
         calls.append(list(texts))
+        if len(calls) == 1:
+            await gate.wait()
         return np.array([[float(len(t))] for t in texts])
 
-    b = MicroBatcher(encode, window=0.02, max_batch=8)
-    out = await asyncio.gather(*(b.embed("x" * i) for i in range(1, 6)))
-    assert calls == [["x", "xx", "xxx", "xxxx", "xxxxx"]]
-    assert [float(v[0]) for v in out] == [1, 2, 3, 4, 5]
+    b = MicroBatcher(encode, max_batch=8)
+    first = asyncio.ensure_future(b.embed("x"))
+    await asyncio.sleep(0)  # one loop turn: the lone text is with the model, no window
+    await asyncio.sleep(0)
+    assert calls == [["x"]]
+    rest = [asyncio.ensure_future(b.embed("y" * i)) for i in range(1, 5)]
+    await asyncio.sleep(0.01)
+    assert calls == [["x"]]  # they wait for the busy model ...
+    gate.set()
+    out = await asyncio.gather(first, *rest)
+    assert calls == [["x"], ["y", "yy", "yyy", "yyyy"]]  # ... and then go together
+    assert [float(v[0]) for v in out] == [1, 1, 2, 3, 4]
     await b.close()
 
 
@@ -76,14 +87,15 @@ async def test_batcher_splits_at_max_batch_and_skips_cancelled_callers():
         await gate.wait()
         return np.zeros((len(texts), 1))
 
-    b = MicroBatcher(encode, window=0.5, max_batch=2)
+    b = MicroBatcher(encode, max_batch=2)
     tasks = [asyncio.ensure_future(b.embed(str(i))) for i in range(5)]
     await asyncio.sleep(0.01)
-    assert calls == [["0", "1"]]  # a full batch does not wait for the window
+    assert calls == [["0", "1"]]
     tasks[2].cancel()  # gave up while queued: never encoded
     gate.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    assert calls[1:] == [["3", "4"]] or calls[1:] == [["3"], ["4"]]
+    assert calls[1:] == [["3", "4"]]
+    assert all(t.done() and not t.cancelled() for i, t in enumerate(tasks) if i != 2)
     await b.close()
 
 
@@ -91,9 +103,78 @@ async def test_batcher_errors_reach_every_caller():
     async def encode(texts):
         raise RuntimeError("model broke")
 
-    b = MicroBatcher(encode, window=0, max_batch=4)
+    b = MicroBatcher(encode, max_batch=4)
     results = await asyncio.gather(b.embed("a"), b.embed("b"), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+    await b.close()
+
+
+async def test_identical_questions_of_the_same_moment_are_embedded_once():
+    calls = []
+    gate = asyncio.Event()
+
+    async def encode(texts):
+        calls.append(list(texts))
+        await gate.wait()
+        return np.array([[float(len(t))] for t in texts])
+
+    b = MicroBatcher(encode, max_batch=8, cache_size=0)
+    running = [asyncio.ensure_future(b.embed("same")) for _ in range(3)]  # the first finds the model idle
+    await asyncio.sleep(0.01)
+    joined = asyncio.ensure_future(b.embed("same"))  # asked while "same" is being embedded
+    waiting = [asyncio.ensure_future(b.embed("other")) for _ in range(3)] + [asyncio.ensure_future(b.embed("x"))]
+    await asyncio.sleep(0.01)
+    running[1].cancel()  # one caller giving up does not cancel the others' shared vector
+    gate.set()
+    out = await asyncio.gather(*running, joined, *waiting, return_exceptions=True)
+    assert calls == [["same"], ["other", "x"]]
+    assert isinstance(out[1], asyncio.CancelledError)
+    assert [float(v[0]) for i, v in enumerate(out) if i != 1] == [4, 4, 4, 5, 5, 5, 1]
+    await b.close()
+
+
+def cache_count(result):
+    from pipeline import metrics as m
+
+    return m.QUERY_EMBED_CACHE.labels(result=result)._value.get()
+
+
+async def test_the_cache_keeps_recent_vectors_by_text_and_evicts_the_least_recent():
+    calls = []
+
+    async def encode(texts):
+        calls.append(list(texts))
+        return np.array([[float(len(t))] for t in texts])
+
+    b = MicroBatcher(encode, max_batch=8, cache_size=2, model="m1")
+    hits, misses = cache_count("hit"), cache_count("miss")
+    assert float((await b.embed("a"))[0]) == 1
+    assert float((await b.embed("bb"))[0]) == 2
+    assert float((await b.embed("a"))[0]) == 1  # a hit: not embedded again, and now the most recent
+    assert calls == [["a"], ["bb"]]
+    assert cache_count("hit") - hits == 1 and cache_count("miss") - misses == 2
+    await b.embed("ccc")  # evicts "bb", the least recently used
+    assert b.cached == 2
+    await b.embed("a")
+    await b.embed("bb")
+    assert calls == [["a"], ["bb"], ["ccc"], ["bb"]]
+    vector, started = await b.embed_timed("a")
+    with pytest.raises(ValueError):
+        vector[0] = 9  # a cached vector is shared: read-only
+    await b.close()
+
+
+async def test_a_cache_of_size_0_embeds_every_time():
+    calls = []
+
+    async def encode(texts):
+        calls.append(list(texts))
+        return np.zeros((len(texts), 1))
+
+    b = MicroBatcher(encode, max_batch=8, cache_size=0)
+    for _ in range(3):
+        await b.embed("q")
+    assert calls == [["q"]] * 3 and b.cached == 0
     await b.close()
 
 

@@ -57,3 +57,31 @@ def test_roles_select_the_agents(monkeypatch):
     monkeypatch.setenv("VECTORSTREAM_ROLES", "search")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_metadata_indexes_are_parsed_and_validated_with_a_clear_error():
+    from pydantic import ValidationError
+
+    from pipeline.settings import StoreSettings
+
+    ok = StoreSettings(metadata_indexes=" lang:keyword, year:INTEGER,tags:keyword ,score:float,draft:bool,")
+    assert ok.metadata_index_map == {
+        "lang": "keyword",
+        "year": "integer",
+        "tags": "keyword",
+        "score": "float",
+        "draft": "bool",
+    }
+    assert StoreSettings().metadata_index_map == {}
+    for bad, says in (
+        ("lang", "is not field:type"),
+        ("lang:", "is not field:type"),
+        ("Lang:keyword", "is not a metadata key"),
+        ("meta.lang:keyword", "is not a metadata key"),
+        ("lang:text", "the type must be one of keyword, integer, float, bool"),
+        ("lang:keyword,lang:integer", "declared more than once"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            StoreSettings(metadata_indexes=bad)
+        message = str(caught.value)
+        assert says in message and "VECTORSTREAM_STORE__METADATA_INDEXES" in message, message

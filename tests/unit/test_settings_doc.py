@@ -32,6 +32,10 @@ def test_one_row_per_setting_in_declaration_order() -> None:
     assert any(r.startswith("VECTORSTREAM_STORE__") for r in rows)
 
 
+#: string settings with a format of their own: a valid value other than the default
+_VALID_TEXT = {"VECTORSTREAM_STORE__METADATA_INDEXES": "lang:keyword,year:integer"}
+
+
 def _other_value(setting: settings_doc.Setting) -> tuple[str, object] | None:
     """A valid value different from the default, as an environment string and as Settings should parse it."""
     info = setting.field
@@ -53,7 +57,8 @@ def _other_value(setting: settings_doc.Setting) -> tuple[str, object] | None:
             value = start - step
         return str(value), value
     if base is str:
-        return "other-value", "other-value"
+        text = _VALID_TEXT.get(setting.env, "other-value")
+        return text, text
     if base is Path:
         return "/tmp/other", Path("/tmp/other")
     if base is SecretStr:

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CLIENT_SIDE = {"timeout_seconds", "index_idle_seconds", "index_max_unindexed_points", "grpc_port"}
 #: numeric store settings of the pgvector backend only (PostgreSQL validates its own GUCs)
 PGVECTOR_ONLY = {"pgvector_max_scan_tuples", "postgres_pool_size"}
+#: numeric store settings of the Qdrant Edge backend only (in-process: no server sees them)
+EDGE_ONLY = {"edge_search_threads"}
 
 
 def _numeric_fields() -> set[str]:
@@ -37,7 +39,7 @@ def _numeric_fields() -> set[str]:
 
 def test_every_numeric_store_setting_is_classified() -> None:
     # a new setting must say whether the server validates it
-    assert _numeric_fields() == set(QDRANT_SERVER_LIMITS) | CLIENT_SIDE | PGVECTOR_ONLY
+    assert _numeric_fields() == set(QDRANT_SERVER_LIMITS) | CLIENT_SIDE | PGVECTOR_ONLY | EDGE_ONLY
 
 
 @pytest.mark.parametrize("name", sorted(QDRANT_SERVER_LIMITS))
