@@ -353,6 +353,39 @@ class QuerySettings(BaseModel):
         return secret or (DEV_HS256_SECRET if self.dev_mode else "")
 
 
+class SparseSettings(BaseModel):
+    """BM25 sparse vectors beside the dense ones (pipeline.sparse), and how hybrid search fuses the two."""
+
+    #: give a NEW collection BM25 sparse vectors (hybrid and sparse search); false makes it dense-only. An
+    #: existing collection keeps the layout it was made with (its record wins, and ingest keeps it whole)
+    enabled: bool = True
+    #: Snowball stemmer of the text's language (PyStemmer: english, porter, german, french, ...)
+    language: str = "english"
+    #: stop words dropped before stemming; unset: Lucene's English stop set for english/porter, none otherwise
+    stop_words: list[str] | None = None
+    #: BM25 term-frequency saturation (Anserini's BEIR default)
+    k1: float = Field(default=0.9, gt=0, le=10)
+    #: BM25 length normalisation, 0 (none) to 1 (full) (Anserini's BEIR default)
+    b: float = Field(default=0.4, ge=0, le=1)
+    #: the average chunk length in tokens (after stop words) that length normalisation divides by
+    avg_len: float = Field(default=100.0, gt=0)
+    #: words longer than this are not indexed (hashes, base64 blobs)
+    max_token_chars: int = Field(default=64, ge=1, le=1024)
+    #: candidates each branch (dense, sparse) hands to the fusion of a hybrid query (at least top_k)
+    prefetch_limit: int = Field(default=100, ge=1, le=10_000)
+    #: the k of reciprocal rank fusion: score = sum of 1 / (k + rank)
+    rrf_k: int = Field(default=60, ge=1, le=10_000)
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        import Stemmer
+
+        if value not in Stemmer.algorithms():
+            raise ValueError(f"no Snowball stemmer for {value!r}; one of {', '.join(sorted(Stemmer.algorithms()))}")
+        return value
+
+
 class MetricsSettings(BaseModel):
     #: port of the /metrics, /healthz and /readyz server; 0 disables it
     port: int = Field(default=9464, ge=0, le=65535)
@@ -378,6 +411,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     metrics: MetricsSettings = MetricsSettings()
     query: QuerySettings = QuerySettings()
+    sparse: SparseSettings = SparseSettings()
 
     @property
     def role_set(self) -> frozenset[str]:
