@@ -238,6 +238,7 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
     if backend == "auto":
         backend = auto_backend()
     machine = machine_info()
+    load_before = _loadavg()
     docs = load_corpus()
     queries = load_queries()
     qrels = load_qrels()
@@ -252,6 +253,7 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
     bm25 = bm25_in_process(chunk_docs, chunk_texts, queries, qrels)
     full = end_to_end(docs, queries, qrels) if e2e else None
 
+    load_after = _loadavg()
     ref, ours = inproc[reference], inproc[backend]
     rows = [
         [
@@ -349,6 +351,8 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
         "end_to_end": full,
         "published": PUBLISHED,
         "published_bm25": PUBLISHED_BM25,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
     }
     if write:
         method = (
@@ -371,12 +375,24 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
         path = write_results(
             "retrieval_quality",
             title="Retrieval quality on scifact",
-            sections=[("Results", body), ("Targets", targets_table), ("Method", method)],
+            sections=[
+                ("Results", body),
+                ("Targets", targets_table),
+                ("Method", method),
+                ("Load", f"load average (1, 5, 15 min) before: {load_before}; after: {load_after} (2 cores, shared)"),
+            ],
             data=data,
             machine=machine,
         )
         say(f"wrote {path}")
     return data
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def _chunker() -> Any:
