@@ -301,7 +301,7 @@ def run(write: bool = True, e2e: bool = True, reference: str = "openvino") -> di
             "published BM25 (Anserini, BEIR)",
             PUBLISHED_BM25["ndcg@10"],
             "-",
-            "BEIR paper, table 2; recall@10 not published",
+            "Anserini flat-index BEIR regression, as issue 14 cites; recall@10 not cited",
         ]
     )
     body = table(["system", "nDCG@10", "Recall@10", "notes"], rows)
