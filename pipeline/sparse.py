@@ -117,7 +117,10 @@ class TokenizerConfig:
 
     @classmethod
     def from_settings(cls, settings: SparseSettings) -> TokenizerConfig:
-        stop_words = settings.stop_words if settings.stop_words is not None else default_stop_words(settings.language)
+        if settings.stop_words is None:
+            stop_words: Iterable[str] = default_stop_words(settings.language)
+        else:
+            stop_words = (w.strip() for w in settings.stop_words.split(",") if w.strip())
         return cls(
             language=settings.language,
             stop_words=tuple(w.lower() for w in stop_words),
