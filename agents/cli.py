@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--filter", help='metadata filter as JSON, e.g. \'{"must":[{"key":"lang","match":"en"}]}\'')
     query.add_argument("--ef", type=int, help="HNSW ef for this query (default: settings store.hnsw_ef)")
     query.add_argument("--exact", action="store_true", help="exact search instead of HNSW")
+    query.add_argument(
+        "--mode",
+        choices=("dense", "sparse", "hybrid"),
+        help="dense (embedding), sparse (BM25) or hybrid (both, fused in the store); default: hybrid where the "
+        "collection has sparse vectors, else dense",
+    )
+    query.add_argument("--fusion", choices=("rrf", "dbsf"), help="how hybrid fuses the two (default rrf)")
     query.add_argument("--no-text", action="store_true", help="titles only, no chunk text")
     query.add_argument("--timeout", type=float, default=30.0)
 
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 filter_json=args.filter,
                 hnsw_ef=args.ef,
                 exact=args.exact,
+                mode=args.mode,
+                fusion=args.fusion,
                 with_text=not args.no_text,
                 wait=args.timeout,
             )

@@ -20,7 +20,7 @@ from pipeline.consistency import check_topic
 from pipeline.kafka import KafkaConnectError
 from pipeline.recall import run_recall
 from pipeline.settings import KafkaSettings, Settings
-from schemas.queries import QueryResult
+from schemas.queries import FusionMethod, QueryResult, SearchMode
 
 
 def hits_table(result: QueryResult, *, width: int | None = None) -> str:
@@ -101,6 +101,8 @@ async def run_query_command(
     filter_json: str | None = None,
     hnsw_ef: int | None = None,
     exact: bool = False,
+    mode: SearchMode | None = None,
+    fusion: FusionMethod | None = None,
     with_text: bool = True,
     wait: float = 30.0,
 ) -> int:
@@ -116,7 +118,15 @@ async def run_query_command(
         async with query_client(settings, tenant=tenant, token=token, startup_timeout=min(wait, 30.0)) as client:
             try:
                 result = await client.ask(
-                    query, top_k=top_k, filter=flt, hnsw_ef=hnsw_ef, exact=exact, with_text=with_text, timeout=wait
+                    query,
+                    top_k=top_k,
+                    filter=flt,
+                    hnsw_ef=hnsw_ef,
+                    exact=exact,
+                    mode=mode,
+                    fusion=fusion,
+                    with_text=with_text,
+                    timeout=wait,
                 )
             except QueryFailed as exc:
                 print(f"error {exc.code.value}: {exc.reply.error.message}", file=sys.stderr)
@@ -128,7 +138,8 @@ async def run_query_command(
         print(f"cannot connect to Kafka: {exc}", file=sys.stderr)
         return 2
     print(hits_table(result))
-    print(f"\n{len(result.hits)} hits for tenant {tenant!r} in {result.took_ms:.1f} ms ({result.model})")
+    served = f"{result.mode or 'dense'}{f' {result.fusion}' if result.fusion else ''}"
+    print(f"\n{len(result.hits)} hits for tenant {tenant!r} in {result.took_ms:.1f} ms ({result.model}, {served})")
     return 0
 
 

@@ -20,6 +20,7 @@ from pipeline import metrics as m
 from pipeline.errors import ConfigurationError
 from pipeline.kafka import KafkaConnectError, check_connection, ensure_topics
 from pipeline.settings import Settings
+from pipeline.sparse import settings_record
 
 if TYPE_CHECKING:
     from pipeline.store.base import VectorStore
@@ -104,17 +105,19 @@ def run_worker(
     if wrap_store is not None:
         store = wrap_store(store)
     try:
-        info = loop.run_until_complete(store.open(model=embedder.name, dim=embedder.dim))
+        sparse = settings_record(settings.sparse)
+        info = loop.run_until_complete(store.open(model=embedder.name, dim=embedder.dim, sparse=sparse))
     except ConfigurationError as exc:
         log.error("refusing to start: %s", exc)
         return 2
     log.info(
-        "store %s ready: collection %r, model %s, dim %d, %d chunks",
+        "store %s ready: collection %r, model %s, dim %d, %d chunks, %s",
         settings.store.backend,
         settings.store.collection,
         info.model,
         info.dim,
         info.chunk_count,
+        "BM25 sparse vectors (hybrid search)" if store.sparse_record is not None else "dense vectors only",
     )
     try:
         loop.run_until_complete(ensure_topics(settings))

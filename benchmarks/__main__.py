@@ -133,6 +133,28 @@ def summary_rows() -> list[list[str]]:
                     "retrieval_quality.md",
                 )
             )
+            modes = full.get("modes") or {}
+            if "hybrid-rrf" in modes and "sparse" in modes:
+                rrf, dbsf, sparse = (modes[k]["ndcg@10"] for k in ("hybrid-rrf", "hybrid-dbsf", "sparse"))
+                bm25 = quality.get("published_bm25", {}).get("ndcg@10", 0.679)
+                rows.append(
+                    _row(
+                        "hybrid end to end (scifact): nDCG@10, RRF and DBSF",
+                        f"{rrf:.4f}, {dbsf:.4f}",
+                        ">= 0.70",
+                        min(rrf, dbsf) >= 0.70,
+                        "retrieval_quality.md",
+                    )
+                )
+                rows.append(
+                    _row(
+                        "sparse (BM25) end to end (scifact): nDCG@10 vs Anserini BM25",
+                        f"{sparse:.4f} vs {bm25:.4f} ({sparse - bm25:+.4f})",
+                        "within 0.02",
+                        abs(sparse - bm25) <= 0.02,
+                        "retrieval_quality.md",
+                    )
+                )
     re = _load("reingest")
     if re:
         rows.append(

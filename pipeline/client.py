@@ -23,9 +23,11 @@ from schemas.events import DocumentDelete, DocumentUpsert, document_key
 from schemas.queries import (
     CORRELATION_HEADER,
     ErrorCode,
+    FusionMethod,
     QueryFailure,
     QueryRequest,
     QueryResult,
+    SearchMode,
     query_reply_adapter,
     reply_topic_for,
 )
@@ -257,11 +259,15 @@ class QueryClient:
         filter: Mapping[str, Any] | None = None,
         hnsw_ef: int | None = None,
         exact: bool = False,
+        mode: SearchMode | None = None,
+        fusion: FusionMethod | None = None,
         with_text: bool = True,
         with_metadata: bool = True,
         timeout: float = 10.0,
         request_id: str | None = None,
     ) -> QueryRequest:
+        """A request; ``mode`` dense / sparse / hybrid (None: the collection's default, hybrid where it has
+        sparse vectors) and ``fusion`` rrf / dbsf for hybrid (None: rrf)."""
         search = {"hnsw_ef": hnsw_ef, "exact": exact} if (hnsw_ef is not None or exact) else None
         return QueryRequest.model_validate(
             {
@@ -272,6 +278,8 @@ class QueryClient:
                 "top_k": top_k,
                 "filter": dict(filter) if filter is not None else None,
                 "search": search,
+                "mode": mode,
+                "fusion": fusion,
                 "with_text": with_text,
                 "with_metadata": with_metadata,
                 "reply_topic": reply_topic_for(self.replies_prefix, tenant or self.tenant or ""),

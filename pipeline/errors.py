@@ -89,6 +89,20 @@ class ModelMismatchError(ConfigurationError):
     reason = "model_mismatch"
 
 
+class TokenizerMismatchError(ModelMismatchError):
+    """The collection's sparse vectors were made by another tokenizer configuration (language, stop words,
+    k1, b, avg_len): vectors of two tokenizers cannot be mixed, like vectors of two models."""
+
+    reason = "tokenizer_mismatch"
+
+
+class ModeUnsupportedError(VectorstreamError):
+    """A search mode the store or the collection cannot serve (sparse or hybrid on a dense-only collection,
+    or on pgvector): the caller gets an error reply, never a silent fallback to another mode."""
+
+    reason = "mode_unsupported"
+
+
 class BreakerOpenError(VectorstreamError):
     """Every recent record failed: more likely a bad deploy or a broken producer than bad data.
 

@@ -40,6 +40,10 @@ exactly-once. The agent that feeds :meth:`IngestService.handle` relies on these 
    completes it because the registry still names the old version.
 6. Chunks whose text did not change since the stored version reuse their stored vectors (checked
    against the stored point's own content hash) instead of being embedded again.
+7. In a collection with sparse vectors every chunk written also gets its BM25 vector, from its text under
+   the collection's own tokenizer record (``VectorStore.sparse_record``; the store refused to open with a
+   different one). That covers reused chunks too: tokenizing is deterministic under the record, so a
+   rewritten unchanged chunk gets the very vector it had, and no chunk is ever written without one.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from pipeline.decode import Event, Record, Rejected, Tombstone, decode_record
 from pipeline.embedding import Embedder
 from pipeline.errors import BreakerOpenError, EmbeddingError, ShutdownRequested, VectorstreamError
 from pipeline.settings import Settings
+from pipeline.sparse import SparseEncoder
 from pipeline.store.base import (
     ACL_GROUPS,
     ACL_PUBLIC,
@@ -78,6 +83,7 @@ from pipeline.store.base import (
     Filter,
     Match,
     Range,
+    SparseVector,
     VectorStore,
     chunk_point_id,
 )
@@ -232,12 +238,17 @@ class PlannedUpsert:
     op: UpsertOp
     chunks: tuple[Chunk, ...]
     vectors: tuple[list[float], ...]
+    #: index for index, the chunks' BM25 vectors (rule 7); empty when the collection has no sparse vectors
+    sparse: tuple[SparseVector, ...] = ()
 
     def points(self, model: str) -> list[ChunkPoint]:
         ev = self.op.event
+        sparse: Sequence[SparseVector | None] = self.sparse or [None] * len(self.chunks)
         return [
-            ChunkPoint(chunk_point_id(ev.tenant_id, ev.doc_id, chunk.index), vector, chunk_payload(ev, chunk, model))
-            for chunk, vector in zip(self.chunks, self.vectors, strict=True)
+            ChunkPoint(
+                chunk_point_id(ev.tenant_id, ev.doc_id, chunk.index), vector, chunk_payload(ev, chunk, model), terms
+            )
+            for chunk, vector, terms in zip(self.chunks, self.vectors, sparse, strict=True)
         ]
 
     def state(self) -> DocState:
@@ -314,6 +325,16 @@ class IngestService:
         self.stopping = False
         #: true while a batch waits in a retry loop for a dependency
         self.paused = False
+        self._sparse: SparseEncoder | None = None
+
+    def sparse_encoder(self) -> SparseEncoder | None:
+        """The BM25 encoder of the open collection's tokenizer record (rule 7); None when it has no sparse vectors."""
+        record = self.store.sparse_record
+        if record is None:
+            return None
+        if self._sparse is None or self._sparse.record() != record:
+            self._sparse = SparseEncoder.from_record(record)
+        return self._sparse
 
     # --- the entry point ---------------------------------------------------------------------------------
 
@@ -403,14 +424,16 @@ class IngestService:
         plan.chunks_embedded = len(computed)
         vectors.update(computed)
 
+        encoder = self.sparse_encoder()
         for op in upserts:
             error = failed.get(op.key)
             if error is not None:
                 plan.rejected.append(RejectedRecord(position[_coordinates(op.record)], op.record, Rejected.of(error)))
                 continue
             doc_chunks = chunks[op.key]
+            terms = tuple(encoder.encode_document(c.text) for c in doc_chunks) if encoder is not None else ()
             plan.upserts.append(
-                PlannedUpsert(op, doc_chunks, tuple(vectors[(op.key, c.index)].tolist() for c in doc_chunks))
+                PlannedUpsert(op, doc_chunks, tuple(vectors[(op.key, c.index)].tolist() for c in doc_chunks), terms)
             )
         plan.rejected.sort(key=lambda r: r.position)
         return plan

@@ -55,10 +55,23 @@ from pydantic import ValidationError
 
 from pipeline import metrics as m
 from pipeline.auth import AuthError, Principal, TokenVerifier
-from pipeline.errors import VectorstreamError
+from pipeline.errors import ModeUnsupportedError, VectorstreamError
 from pipeline.query_filter import FilterError, caller_filter, search_filter
 from pipeline.settings import Settings
-from pipeline.store.base import CHUNK_INDEX, DOC, META_PREFIX, TEXT, TITLE, Filter, Hit, VectorStore
+from pipeline.sparse import SparseEncoder
+from pipeline.store.base import (
+    CHUNK_INDEX,
+    DOC,
+    META_PREFIX,
+    TEXT,
+    TITLE,
+    Filter,
+    FusionMethod,
+    Hit,
+    HybridParams,
+    SearchMode,
+    VectorStore,
+)
 from schemas.queries import (
     CORRELATION_HEADER,
     ErrorCode,
@@ -283,6 +296,9 @@ class Admitted:
     topic: str
     #: monotonic time the checks ended (queue_wait starts here)
     admitted_at: float = 0.0
+    #: the mode that serves it (the request's, or the collection's default) and a hybrid query's fusion
+    mode: SearchMode = "dense"
+    fusion: FusionMethod = "rrf"
 
 
 class QueryService:
@@ -317,6 +333,7 @@ class QueryService:
         self._recall: collections.deque[float] = collections.deque(maxlen=self.cfg.recall_window)
         self._sampling: asyncio.Task[None] | None = None
         self._pending_replies: set[asyncio.Task[bool]] = set()
+        self._sparse: SparseEncoder | None = None
 
     @property
     def admitted(self) -> int:
@@ -401,6 +418,16 @@ class QueryService:
         ef = (req.search.hnsw_ef if req.search else None) or self.settings.store.hnsw_ef
         if ef > self.cfg.max_hnsw_ef:
             return error(ErrorCode.BAD_REQUEST, f"hnsw_ef {ef} is above the limit {self.cfg.max_hnsw_ef}")
+        # the collection decides what it can serve: hybrid by default where it has sparse vectors; a mode it
+        # cannot serve is refused here, before any store call, and never answered in another mode
+        has_terms = self.store.sparse_record is not None
+        mode: SearchMode = req.mode or ("hybrid" if has_terms else "dense")
+        if mode != "dense" and not has_terms:
+            return error(
+                ErrorCode.MODE_UNSUPPORTED,
+                f"mode {mode!r} needs sparse vectors, and this store serves dense search only (a pgvector store, "
+                f"or a collection made without sparse vectors or before them); ask for mode 'dense'",
+            )
         if self._admitted >= self._limit:
             return error(
                 ErrorCode.OVERLOADED,
@@ -408,7 +435,17 @@ class QueryService:
             )
         self._admitted += 1
         m.QUERY_IN_FLIGHT.inc()
-        return Admitted(req, principal, flt, ef, arrived, topic, _stage("auth", decoded))
+        return Admitted(
+            req,
+            principal,
+            flt,
+            ef,
+            arrived,
+            topic,
+            admitted_at=_stage("auth", decoded),
+            mode=mode,
+            fusion=req.fusion or "rrf",
+        )
 
     def _expired(self, deadline_ms: Any) -> bool:
         return (
@@ -427,27 +464,30 @@ class QueryService:
             try:
                 async with asyncio.timeout(max(remaining, 0)):
                     async with self._slots:
-                        vector, started = await self._batcher.embed_timed(req.query)
-                        m.QUERY_STAGE_SECONDS.labels(stage="queue_wait").observe(
-                            max(0.0, started - (job.admitted_at or job.arrived))
-                        )
-                        searching = _stage("embed", started)
-                        exact = bool(req.search and req.search.exact)
-                        values: list[float] = vector.tolist()  # the store port takes a plain sequence
-                        hits = await self.store.search(
-                            values, flt=job.flt, limit=req.top_k, hnsw_ef=job.hnsw_ef, exact=exact
-                        )
-                        if not exact and len(hits) < req.top_k:
-                            # fewer hits than asked: few chunks pass the filter, and filtered HNSW can miss
-                            # some of them (the graph among them is sparse); exact search over so few is cheap
-                            hits = await self.store.search(values, flt=job.flt, limit=req.top_k, exact=True)
-                        _stage("search", searching)
+                        if job.mode != "dense":
+                            hits = await self._search_terms(job)
+                        else:
+                            vector, started = await self._batcher.embed_timed(req.query)
+                            self._queue_wait(job, started)
+                            searching = _stage("embed", started)
+                            exact = bool(req.search and req.search.exact)
+                            values: list[float] = vector.tolist()  # the store port takes a plain sequence
+                            hits = await self.store.search(
+                                values, flt=job.flt, limit=req.top_k, hnsw_ef=job.hnsw_ef, exact=exact
+                            )
+                            if not exact and len(hits) < req.top_k:
+                                # fewer hits than asked: few chunks pass the filter, and filtered HNSW can miss
+                                # some of them (the graph among them is sparse); exact search over so few is cheap
+                                hits = await self.store.search(values, flt=job.flt, limit=req.top_k, exact=True)
+                            _stage("search", searching)
                 encoding = time.monotonic()
                 body: QueryResult | QueryFailure = QueryResult(
                     request_id=req.request_id,
                     hits=[_hit(h, text=req.with_text, metadata=req.with_metadata) for h in hits],
                     took_ms=_ms_since(job.arrived),
                     model=self.embedder.name,
+                    mode=job.mode,
+                    fusion=job.fusion if job.mode == "hybrid" else None,
                 )
             except TimeoutError:
                 body = failure(
@@ -456,6 +496,8 @@ class QueryService:
                     "the deadline passed before the search finished",
                     _ms_since(job.arrived),
                 )
+            except ModeUnsupportedError as exc:
+                body = failure(req.request_id, ErrorCode.MODE_UNSUPPORTED, str(exc), _ms_since(job.arrived))
             except VectorstreamError as exc:
                 code = ErrorCode.UNAVAILABLE if exc.retriable else ErrorCode.INTERNAL
                 log.warning("query %s failed: %s", req.request_id, exc)
@@ -475,6 +517,52 @@ class QueryService:
         if reply.ok and vector is not None and not (req.search and req.search.exact):
             self._maybe_sample_recall(vector, job, hits)
         return reply
+
+    async def _search_terms(self, job: Admitted) -> list[Hit]:
+        """A sparse or hybrid search: ONE store call, whose filter (tenant AND access AND the caller's) every
+        prefetch runs under, fused in the engine; the query's terms are tokenized as the collection's were."""
+        req = job.request
+        record = self.store.sparse_record
+        if record is None:  # admitted against a collection that has since been reopened without sparse vectors
+            raise ModeUnsupportedError(f"mode {job.mode!r} needs sparse vectors, and this collection has none")
+        if self._sparse is None or self._sparse.record() != record:
+            self._sparse = SparseEncoder.from_record(record)
+        vector: list[float] | None = None
+        if job.mode == "hybrid":
+            embedded, started = await self._batcher.embed_timed(req.query)
+            self._queue_wait(job, started)
+            _stage("embed", started)
+            vector = embedded.tolist()
+        else:
+            self._queue_wait(job, time.monotonic())
+        searching = time.monotonic()
+        terms = self._sparse.encode_query(req.query)
+        cfg = self.settings.sparse
+        hybrid = HybridParams(fusion=job.fusion, rrf_k=cfg.rrf_k, prefetch_limit=cfg.prefetch_limit)
+        exact = bool(req.search and req.search.exact)
+
+        def search(exact: bool) -> Awaitable[list[Hit]]:
+            return self.store.query(
+                mode=job.mode,
+                vector=vector,
+                sparse=terms,
+                flt=job.flt,
+                limit=req.top_k,
+                hybrid=hybrid,
+                hnsw_ef=job.hnsw_ef,
+                exact=exact,
+            )
+
+        hits = await search(exact)
+        if job.mode == "hybrid" and not exact and len(hits) < req.top_k:
+            hits = await search(True)  # as for dense: a narrow filter can starve filtered HNSW (see run)
+        _stage("search", searching)  # a sparse or hybrid query's tokenizing is part of its search
+        return hits
+
+    @staticmethod
+    def _queue_wait(job: Admitted, started: float) -> None:
+        """Observe the queue_wait stage: from the end of the checks to the start of the embedding."""
+        m.QUERY_STAGE_SECONDS.labels(stage="queue_wait").observe(max(0.0, started - (job.admitted_at or job.arrived)))
 
     async def send(self, reply: Reply) -> bool:
         """Produce a reply within ``query.reply_timeout_seconds`` and account for it. Never raises: a reply that

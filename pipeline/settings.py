@@ -404,6 +404,72 @@ class QuerySettings(BaseModel):
         return secret or (DEV_HS256_SECRET if self.dev_mode else "")
 
 
+#: the Snowball stemmers PyStemmer ships (Stemmer.algorithms()); tests/unit/test_sparse.py checks the list
+StemmerLanguage = Literal[
+    "arabic",
+    "armenian",
+    "basque",
+    "catalan",
+    "czech",
+    "danish",
+    "dutch",
+    "dutch_porter",
+    "english",
+    "esperanto",
+    "estonian",
+    "finnish",
+    "french",
+    "german",
+    "greek",
+    "hindi",
+    "hungarian",
+    "indonesian",
+    "irish",
+    "italian",
+    "lithuanian",
+    "nepali",
+    "norwegian",
+    "persian",
+    "polish",
+    "porter",
+    "portuguese",
+    "romanian",
+    "russian",
+    "serbian",
+    "sesotho",
+    "spanish",
+    "swedish",
+    "tamil",
+    "turkish",
+    "yiddish",
+]
+
+
+class SparseSettings(BaseModel):
+    """BM25 sparse vectors beside the dense ones (pipeline.sparse), and how hybrid search fuses the two."""
+
+    #: give a NEW collection BM25 sparse vectors (hybrid and sparse search); false makes it dense-only. An
+    #: existing collection keeps the layout it was made with (its record wins, and ingest keeps it whole)
+    enabled: bool = True
+    #: Snowball stemmer of the text's language (PyStemmer's; porter is the original Porter stemmer Anserini uses)
+    language: StemmerLanguage = "english"
+    #: stop words dropped before stemming, comma-separated; unset: Lucene's English stop set for english/porter,
+    #: none for other languages; "" (empty): none at all
+    stop_words: str | None = None
+    #: BM25 term-frequency saturation (Anserini's BEIR default)
+    k1: float = Field(default=0.9, gt=0, le=10)
+    #: BM25 length normalisation, 0 (none) to 1 (full) (Anserini's BEIR default)
+    b: float = Field(default=0.4, ge=0, le=1)
+    #: the average chunk length in tokens (after stop words) that length normalisation divides by
+    avg_len: float = Field(default=100.0, gt=0)
+    #: words longer than this are not indexed (hashes, base64 blobs)
+    max_token_chars: int = Field(default=64, ge=1, le=1024)
+    #: candidates each branch (dense, sparse) hands to the fusion of a hybrid query (at least top_k)
+    prefetch_limit: int = Field(default=100, ge=1, le=10_000)
+    #: the k of reciprocal rank fusion: score = sum of 1 / (k + rank)
+    rrf_k: int = Field(default=60, ge=1, le=10_000)
+
+
 class MetricsSettings(BaseModel):
     #: port of the /metrics, /healthz and /readyz server; 0 disables it
     port: int = Field(default=9464, ge=0, le=65535)
@@ -429,6 +495,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     metrics: MetricsSettings = MetricsSettings()
     query: QuerySettings = QuerySettings()
+    sparse: SparseSettings = SparseSettings()
 
     @property
     def role_set(self) -> frozenset[str]:

@@ -110,6 +110,13 @@ class SearchParams(_Strict):
     exact: bool = False
 
 
+#: how a query searches: ``dense`` (the embedding), ``sparse`` (BM25 over the chunks' terms) or ``hybrid``
+#: (both, fused inside the vector store)
+SearchMode = Literal["dense", "sparse", "hybrid"]
+#: how hybrid fuses its two candidate lists: reciprocal rank fusion, or distribution-based score fusion
+FusionMethod = Literal["rrf", "dbsf"]
+
+
 class QueryRequest(_Strict):
     """A question. The tenant and the caller's principals come from ``token``, checked against ``tenant_id``."""
 
@@ -121,6 +128,11 @@ class QueryRequest(_Strict):
     top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = 10
     filter: QueryFilter | None = None
     search: SearchParams | None = None
+    #: absent: ``hybrid`` when the collection has sparse vectors, else ``dense``. A mode the collection or the
+    #: store cannot serve is answered ``mode_unsupported``, never served in another mode
+    mode: SearchMode | None = None
+    #: the fusion of a hybrid query; absent: ``rrf``. Only with mode hybrid (or absent)
+    fusion: FusionMethod | None = None
     #: what each hit carries besides doc id, chunk index, score and title
     with_text: bool = True
     with_metadata: bool = True
@@ -139,6 +151,12 @@ class QueryRequest(_Strict):
             raise ValueError("must contain some text")
         return value
 
+    @model_validator(mode="after")
+    def _fusion_needs_hybrid(self) -> QueryRequest:
+        if self.fusion is not None and self.mode in ("dense", "sparse"):
+            raise ValueError(f"fusion {self.fusion!r} applies to mode 'hybrid' only, not {self.mode!r}")
+        return self
+
 
 # --- replies ---------------------------------------------------------------------------------------------------
 
@@ -154,6 +172,8 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    #: the request asked for a search mode (sparse, hybrid) the collection or the store does not have
+    MODE_UNSUPPORTED = "mode_unsupported"
 
 
 #: codes a caller may retry as they are (with a fresh deadline)
@@ -163,7 +183,7 @@ RETRIABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.DEADLINE_EXCEEDED, 
 class QueryHit(_Tolerant):
     doc_id: str
     chunk_index: int
-    #: cosine similarity
+    #: cosine similarity (dense), the BM25 score (sparse), or the fused score (hybrid: RRF or DBSF)
     score: float
     title: str = ""
     text: str | None = None
@@ -177,6 +197,10 @@ class QueryResult(_Tolerant):
     #: from the request's arrival at the server to the reply being ready
     took_ms: float
     model: str
+    #: the mode that served the request (replies of servers before hybrid search carry none)
+    mode: SearchMode | None = None
+    #: the fusion of a hybrid reply
+    fusion: FusionMethod | None = None
 
 
 class QueryError(_Tolerant):

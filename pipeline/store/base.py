@@ -10,10 +10,12 @@ import abc
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, Union
+from typing import Any, Literal, TypeAlias, Union
 
 import numpy as np
 from numpy.typing import NDArray
+
+from pipeline.errors import ModeUnsupportedError
 
 #: what the port accepts as a vector: a sequence of floats or a numpy array (what the embedder returns)
 VectorLike: TypeAlias = Union[Sequence[float], NDArray[np.floating[Any]]]
@@ -92,12 +94,43 @@ Condition = Union[Match, MatchAny, Range, Filter]
 
 # --- records ------------------------------------------------------------------------------------------------
 
+#: how a query searches: the dense vector, the BM25 sparse vector, or both fused in the engine
+SearchMode = Literal["dense", "sparse", "hybrid"]
+#: how hybrid fuses its two candidate lists: reciprocal rank fusion or distribution-based score fusion
+FusionMethod = Literal["rrf", "dbsf"]
+#: the names of the two vectors of a collection with sparse vectors (a dense-only one has one unnamed vector)
+DENSE_VECTOR = "dense"
+SPARSE_VECTOR = "bm25"
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """Term ids (ascending, distinct) and their weights: a BM25 vector of :mod:`pipeline.sparse`."""
+
+    indices: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.indices)
+
+
+@dataclass(frozen=True)
+class HybridParams:
+    """How a sparse or hybrid search runs: the fusion, RRF's ``k``, and how many candidates each prefetch
+    (dense, sparse) hands to the fusion (at least the search's limit)."""
+
+    fusion: FusionMethod = "rrf"
+    rrf_k: int = 60
+    prefetch_limit: int = 100
+
 
 @dataclass(frozen=True)
 class ChunkPoint:
     id: str
     vector: VectorLike
     payload: dict[str, Any]
+    #: the chunk's BM25 vector; written only to a collection that has sparse vectors (None: none)
+    sparse: SparseVector | None = None
 
 
 @dataclass(frozen=True)
@@ -171,9 +204,14 @@ class VectorStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def open(self, *, model: str, dim: int) -> StoreInfo:
+    async def open(self, *, model: str, dim: int, sparse: dict[str, Any] | None = None) -> StoreInfo:
         """Create the chunk collection (HNSW, payload indexes) and the registry if missing, then check that
-        the collection was built by ``model`` with vectors of size ``dim``."""
+        the collection was built by ``model`` with vectors of size ``dim``.
+
+        ``sparse`` is the tokenizer record of this process's BM25 vectors. A new collection gets sparse
+        vectors when it is given; an existing one with sparse vectors refuses a different record
+        (TokenizerMismatchError) and keeps its own when given None; one without them (dense-only, or made
+        before sparse vectors existed) stays dense-only. :attr:`sparse_record` tells which."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -213,6 +251,34 @@ class VectorStore(abc.ABC):
         exact: bool = False,
         with_vectors: bool = False,
     ) -> list[Hit]: ...
+
+    @property
+    def sparse_record(self) -> dict[str, Any] | None:
+        """The tokenizer record of the open collection's sparse vectors (:meth:`pipeline.sparse.TokenizerConfig
+        .record`), or None when the collection has none (a dense-only or pre-hybrid collection, pgvector)."""
+        return None
+
+    async def query(
+        self,
+        *,
+        mode: SearchMode,
+        vector: VectorLike | None,
+        sparse: SparseVector | None,
+        flt: Filter | None,
+        limit: int,
+        hybrid: HybridParams = HybridParams(),
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        """One search in ``mode``, in ONE engine call: dense is :meth:`search`; sparse searches the BM25
+        vectors (IDF computed by the engine); hybrid prefetches dense and sparse candidates, each under
+        ``flt``, and fuses them in the engine. Raises ModeUnsupportedError where the store cannot serve the
+        mode; this default serves dense only."""
+        if mode == "dense":
+            if vector is None:
+                raise ValueError("a dense search needs a vector")
+            return await self.search(vector, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact)
+        raise ModeUnsupportedError(f"{type(self).__name__} serves dense search only, not {mode!r}")
 
     @abc.abstractmethod
     async def build_index(self) -> None:

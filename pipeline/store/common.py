@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.store.base import (
+    DENSE_VECTOR,
     DOC,
     TENANT,
     VERSION,
@@ -60,8 +61,11 @@ def as_floats(vector: VectorLike) -> list[float]:
 
 
 def dense_floats(vector: object) -> list[float] | None:
-    """The vector a client returned for a point as floats, when it is one unnamed dense vector (what this
-    project's collections hold); None when there is none, or it is named, sparse or a multi-vector."""
+    """The dense vector a client returned for a point as floats: the unnamed one of a dense-only collection,
+    or the one named DENSE_VECTOR of a collection with sparse vectors; None when there is none, or it is a
+    multi-vector."""
+    if isinstance(vector, dict):
+        vector = vector.get(DENSE_VECTOR)
     if not isinstance(vector, list) or (vector and isinstance(vector[0], list)):
         return None
     return [float(x) for x in vector]

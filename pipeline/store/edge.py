@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import numpy as np
 import qdrant_edge as qe
 
-from pipeline.errors import ModelMismatchError, StoreUnavailableError, VectorstreamError
+from pipeline.errors import ModelMismatchError, ModeUnsupportedError, StoreUnavailableError, VectorstreamError
 from pipeline.store.base import (
     ACL_GROUPS,
     ACL_PUBLIC,
     ACL_USERS,
+    DENSE_VECTOR,
     DOC,
     META_PREFIX,
+    SPARSE_VECTOR,
     TENANT,
     VERSION,
     ChunkPoint,
@@ -35,9 +37,12 @@ from pipeline.store.base import (
     Filter,
     Hit,
     HnswParams,
+    HybridParams,
     Match,
     MatchAny,
     Range,
+    SearchMode,
+    SparseVector,
     StoreInfo,
     VectorLayout,
     VectorLike,
@@ -62,6 +67,7 @@ from pipeline.store.registry import (
     doc_states_by_key,
     meta_payload,
     registry_name,
+    resolve_sparse,
 )
 
 if TYPE_CHECKING:
@@ -139,6 +145,8 @@ class EdgeStore(VectorStore):
         self._registry: qe.EdgeShard | None = None
         self._model = ""
         self._dim = 0
+        #: the tokenizer record of the chunk shard's sparse vectors; None: one unnamed dense vector only
+        self._sparse: dict[str, Any] | None = None
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> EdgeStore:
@@ -162,14 +170,18 @@ class EdgeStore(VectorStore):
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
-    async def open(self, *, model: str, dim: int) -> StoreInfo:
+    @property
+    def sparse_record(self) -> dict[str, Any] | None:
+        return self._sparse
+
+    async def open(self, *, model: str, dim: int, sparse: dict[str, Any] | None = None) -> StoreInfo:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edge-{self._collection}")
             self._search_executor = ThreadPoolExecutor(
                 max_workers=self._search_threads, thread_name_prefix=f"edge-search-{self._collection}"
             )
         try:
-            return await self._run(self._open_sync, model, dim)
+            return await self._run(self._open_sync, model, dim, sparse)
         except BaseException:
             if self._chunks is None:  # a failed first open leaves nothing behind
                 await self._shutdown_executor()
@@ -193,22 +205,19 @@ class EdgeStore(VectorStore):
             if pool is not None:
                 await asyncio.to_thread(pool.shutdown, wait=True)
 
-    def _open_sync(self, model: str, dim: int) -> StoreInfo:
+    def _open_sync(self, model: str, dim: int, sparse: dict[str, Any] | None) -> StoreInfo:
         if self._chunks is not None and self._registry is not None:
-            check_meta(
-                {"model": self._model, "dim": self._dim},
-                model=model,
-                dim=dim,
-                collection=self._collection,
-                remedy=self._remedy(),
-            )
+            meta = meta_payload(self._model, self._dim, self._sparse)
+            check_meta(meta, model=model, dim=dim, collection=self._collection, remedy=self._remedy())
+            resolve_sparse(meta, sparse, collection=self._collection, remedy=self._remedy())
             return self._info_sync()
         registry = _load_or_create(self.registry_path, _registry_config())
         chunks: qe.EdgeShard | None = None
         try:
             stored = _retrieve_payload(registry, META_POINT_ID)
             check_meta(stored, model=model, dim=dim, collection=self._collection, remedy=self._remedy())
-            chunks = self._load_chunks(dim)
+            record = resolve_sparse(stored, sparse, collection=self._collection, remedy=self._remedy())
+            chunks = self._load_chunks(dim, named=record is not None)
             existing = chunks.info().payload_schema
             missing = [(name, schema) for name, schema in _CHUNK_INDEXES if name not in existing]
             for key, kind in self._metadata_indexes.items():
@@ -227,8 +236,8 @@ class EdgeStore(VectorStore):
                 chunks.flush()
                 log.info("edge collection %r: payload indexes created on %s", self._collection, [n for n, _ in missing])
             if stored is None:
-                meta = qe.Point(META_POINT_ID, REGISTRY_VECTOR, meta_payload(model, dim))
-                registry.update(qe.UpdateOperation.upsert_points([meta]))
+                meta_point = qe.Point(META_POINT_ID, REGISTRY_VECTOR, meta_payload(model, dim, record))
+                registry.update(qe.UpdateOperation.upsert_points([meta_point]))
                 registry.flush()
                 log.info(
                     "created edge collection %r under %s (model %s, dim %d)", self._collection, self._root, model, dim
@@ -239,11 +248,12 @@ class EdgeStore(VectorStore):
                     shard.close()
             raise
         self._chunks, self._registry, self._model, self._dim = chunks, registry, model, dim
+        self._sparse = record
         return self._info_sync()
 
-    def _load_chunks(self, dim: int) -> qe.EdgeShard:
+    def _load_chunks(self, dim: int, *, named: bool) -> qe.EdgeShard:
         try:
-            return _load_or_create(self.chunk_path, self._chunk_config(dim))
+            return _load_or_create(self.chunk_path, self._chunk_config(dim, named=named))
         except Exception as exc:
             if "incompatible" not in str(exc).lower():
                 raise
@@ -262,19 +272,23 @@ class EdgeStore(VectorStore):
     def _remedy(self) -> str:
         return f"stop the workers, delete the folders {self.chunk_path} and {self.registry_path}"
 
-    def _chunk_config(self, dim: int) -> qe.EdgeConfig:
+    def _chunk_config(self, dim: int, *, named: bool) -> qe.EdgeConfig:
+        """A dense-only shard has one unnamed vector (as every shard made before sparse vectors); one with
+        sparse vectors names its dense vector DENSE_VECTOR and adds SPARSE_VECTOR, whose IDF Edge computes."""
         kb = self._hnsw.full_scan_threshold_kb
         layout = self._layout
         quantization = None
         if layout.quantized:
             # the quantized copy is what the graph walk reads: keep it in RAM whatever the originals do
             quantization = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, memory=qe.Memory.Pinned)
+        dense = qe.EdgeVectorParams(
+            size=dim,
+            distance=qe.Distance.Cosine,
+            memory=qe.Memory.Cold if layout.vectors_on_disk else qe.Memory.Cached,
+        )
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(
-                size=dim,
-                distance=qe.Distance.Cosine,
-                memory=qe.Memory.Cold if layout.vectors_on_disk else qe.Memory.Cached,
-            ),
+            vectors={DENSE_VECTOR: dense} if named else dense,
+            sparse_vectors={SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)} if named else None,
             quantization_config=quantization,
             hnsw_config=qe.HnswIndexConfig(
                 m=self._hnsw.m,
@@ -324,8 +338,17 @@ class EdgeStore(VectorStore):
     async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
         if not points:
             return
-        edge_points = [qe.Point(p.id, as_floats(p.vector), dict(p.payload)) for p in points]
+        edge_points = [qe.Point(p.id, self._point_vector(p), dict(p.payload)) for p in points]
         await self._run(self._write, self._chunk_shard, qe.UpdateOperation.upsert_points(edge_points))
+
+    def _point_vector(self, point: ChunkPoint) -> Any:
+        dense = as_floats(point.vector)
+        if self._sparse is None:
+            return dense
+        vectors: dict[str, Any] = {DENSE_VECTOR: dense}
+        if point.sparse:  # a chunk without a single term has no sparse vector
+            vectors[SPARSE_VECTOR] = _edge_sparse(point.sparse)
+        return vectors
 
     async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
         flt = _edge_filter(doc_chunks_filter(tenant_id, doc_id, below_version=below_version))
@@ -384,13 +407,11 @@ class EdgeStore(VectorStore):
             # the event loop's time under load (py-spy, docs/query-serving.md)
             request = qe.QueryRequest(
                 limit=limit,
-                query=qe.Query.Nearest(as_floats(vector)),
+                query=qe.Query.Nearest(as_floats(vector), using=self._dense_name()),
                 filter=_edge_filter(flt),
-                params=qe.SearchParams(
-                    hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=self._quantization(exact)
-                ),
+                params=self._search_params(hnsw_ef, exact),
                 with_payload=True,
-                with_vector=with_vectors,
+                with_vector=[DENSE_VECTOR] if with_vectors and self._sparse is not None else with_vectors,
             )
             return [
                 Hit(
@@ -403,6 +424,66 @@ class EdgeStore(VectorStore):
             ]
 
         return await self._run(query, read=True)
+
+    async def query(
+        self,
+        *,
+        mode: SearchMode,
+        vector: VectorLike | None,
+        sparse: SparseVector | None,
+        flt: Filter | None,
+        limit: int,
+        hybrid: HybridParams = HybridParams(),
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        if mode == "dense":
+            return await super().query(
+                mode=mode, vector=vector, sparse=sparse, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact
+            )
+        if self._sparse is None:
+            raise ModeUnsupportedError(
+                f"collection {self._collection!r} has no sparse vectors (it is dense-only or was made before them): "
+                f"it serves mode 'dense' only, not {mode!r}"
+            )
+        if sparse is None or (mode == "hybrid" and vector is None):
+            raise ValueError(f"a {mode} search needs {'both vectors' if mode == 'hybrid' else 'a sparse vector'}")
+        edge_flt = _edge_filter(flt)
+        by_terms = qe.Query.Nearest(_edge_sparse(sparse), using=SPARSE_VECTOR)
+        if mode == "sparse":
+            request = qe.QueryRequest(limit=limit, query=by_terms, filter=edge_flt, with_payload=True)
+        else:
+            assert vector is not None
+            candidates = max(hybrid.prefetch_limit, limit)
+            request = qe.QueryRequest(
+                limit=limit,
+                prefetches=[
+                    qe.Prefetch(
+                        limit=candidates,
+                        query=qe.Query.Nearest(as_floats(vector), using=DENSE_VECTOR),
+                        params=self._search_params(hnsw_ef, exact),
+                        filter=edge_flt,
+                    ),
+                    qe.Prefetch(limit=candidates, query=by_terms, filter=edge_flt),
+                ],
+                query=_edge_fusion(hybrid),
+                filter=edge_flt,
+                with_payload=True,
+            )
+
+        def run() -> list[Hit]:
+            return [
+                Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}))
+                for p in self._chunk_shard().query(request)
+            ]
+
+        return await self._run(run, read=True)
+
+    def _dense_name(self) -> str | None:
+        return DENSE_VECTOR if self._sparse is not None else None
+
+    def _search_params(self, hnsw_ef: int | None, exact: bool) -> qe.SearchParams:
+        return qe.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=self._quantization(exact))
 
     def _quantization(self, exact: bool) -> qe.QuantizationSearchParams | None:
         if not self._layout.quantized:
@@ -471,6 +552,15 @@ def _load_or_create(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
 
 def _registry_config() -> qe.EdgeConfig:
     return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=len(REGISTRY_VECTOR), distance=qe.Distance.Dot))
+
+
+def _edge_fusion(hybrid: HybridParams) -> Any:
+    # the stub types the fusion as ``Fusion``; its instances are the nested Rrf / Dbsf classes
+    return qe.Fusion.Rrf(k=hybrid.rrf_k) if hybrid.fusion == "rrf" else qe.Fusion.Dbsf()
+
+
+def _edge_sparse(vector: SparseVector) -> qe.SparseVector:
+    return qe.SparseVector(list(vector.indices), list(vector.values))
 
 
 def _retrieve_payload(shard: qe.EdgeShard, point_id: str) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
-from pipeline.errors import ConfigurationError, StoreUnavailableError
+from pipeline.errors import ConfigurationError, ModeUnsupportedError, StoreUnavailableError
 from pipeline.store.base import (
     ACL_GROUPS,
     ACL_PUBLIC,
@@ -49,10 +49,14 @@ from pipeline.store.base import (
     Filter,
     Hit,
     HnswParams,
+    HybridParams,
     Match,
     MatchAny,
     Range,
+    SearchMode,
+    SparseVector,
     StoreInfo,
+    VectorLike,
     VectorStore,
 )
 from pipeline.store.registry import REGISTRY_SUFFIX, check_meta, source_from_json
@@ -162,7 +166,11 @@ class PgVectorStore(VectorStore):
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
-    async def open(self, *, model: str, dim: int) -> StoreInfo:
+    async def open(self, *, model: str, dim: int, sparse: dict[str, Any] | None = None) -> StoreInfo:
+        # dense only: the table keeps no BM25 vectors (sparse_record stays None), and query() refuses the
+        # sparse and hybrid modes with an error reply rather than answering them with dense search
+        if sparse is not None and self._pool is None:
+            log.info("pgvector store %r serves dense search only: sparse vectors are not stored", self._collection)
         if self._pool is not None:
             check_meta(
                 {"model": self._model, "dim": self._dim},
@@ -677,6 +685,27 @@ class PgVectorStore(VectorStore):
             )
             rows = await cur.fetchall()
         return [Hit(id=str(pid), score=0.0, payload=dict(payload)) for pid, payload in rows]
+
+    async def query(
+        self,
+        *,
+        mode: SearchMode,
+        vector: VectorLike | None,
+        sparse: SparseVector | None,
+        flt: Filter | None,
+        limit: int,
+        hybrid: HybridParams = HybridParams(),
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        if mode != "dense":
+            raise ModeUnsupportedError(
+                f"the pgvector store serves mode 'dense' only, not {mode!r}: sparse and hybrid search need a "
+                f"Qdrant store (store.backend edge or qdrant)"
+            )
+        return await super().query(
+            mode=mode, vector=vector, sparse=sparse, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact
+        )
 
     async def search(
         self,

@@ -20,13 +20,21 @@ from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from pipeline.errors import ConfigurationError, ModelMismatchError, StoreUnavailableError, VectorstreamError
+from pipeline.errors import (
+    ConfigurationError,
+    ModelMismatchError,
+    ModeUnsupportedError,
+    StoreUnavailableError,
+    VectorstreamError,
+)
 from pipeline.store.base import (
     ACL_GROUPS,
     ACL_PUBLIC,
     ACL_USERS,
+    DENSE_VECTOR,
     DOC,
     META_PREFIX,
+    SPARSE_VECTOR,
     TENANT,
     VERSION,
     ChunkPoint,
@@ -35,9 +43,12 @@ from pipeline.store.base import (
     Filter,
     Hit,
     HnswParams,
+    HybridParams,
     Match,
     MatchAny,
     Range,
+    SearchMode,
+    SparseVector,
     StoreInfo,
     VectorLayout,
     VectorLike,
@@ -62,6 +73,7 @@ from pipeline.store.registry import (
     doc_states_by_key,
     meta_payload,
     registry_name,
+    resolve_sparse,
 )
 
 if TYPE_CHECKING:
@@ -158,6 +170,8 @@ class QdrantStore(VectorStore):
         self._client: AsyncQdrantClient | None = None
         self._model = ""
         self._dim = 0
+        #: the tokenizer record of the chunk collection's sparse vectors; None: one unnamed dense vector only
+        self._sparse: dict[str, Any] | None = None
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> QdrantStore:
@@ -192,15 +206,22 @@ class QdrantStore(VectorStore):
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
-    async def open(self, *, model: str, dim: int) -> StoreInfo:
+    @property
+    def sparse_record(self) -> dict[str, Any] | None:
+        return self._sparse
+
+    async def open(self, *, model: str, dim: int, sparse: dict[str, Any] | None = None) -> StoreInfo:
         if self._client is None:
             self._client = await self._guard("connect", self._connect)
         try:
             stored = await self._ensure_registry()
             check_meta(stored, model=model, dim=dim, collection=self._collection, remedy=self._remedy())
-            await self._ensure_chunks(dim)
+            record = resolve_sparse(stored, sparse, collection=self._collection, remedy=self._remedy())
+            await self._ensure_chunks(dim, named=record is not None)
+            self._sparse = record
             if stored is None:
-                meta = models.PointStruct(id=META_POINT_ID, vector=REGISTRY_VECTOR, payload=meta_payload(model, dim))
+                payload = meta_payload(model, dim, record)
+                meta = models.PointStruct(id=META_POINT_ID, vector=REGISTRY_VECTOR, payload=payload)
                 await self._call("write meta", lambda c: c.upsert(self._registry, [meta], wait=True))
                 log.info("created qdrant collection %r (model %s, dim %d)", self._collection, model, dim)
             self._model, self._dim = model, dim
@@ -254,10 +275,16 @@ class QdrantStore(VectorStore):
         )
         return dict(records[0].payload or {}) if records else None
 
-    async def _ensure_chunks(self, dim: int) -> None:
+    async def _ensure_chunks(self, dim: int, *, named: bool) -> None:
+        """A dense-only collection has one unnamed vector (as every collection made before sparse vectors);
+        one with sparse vectors names its dense vector DENSE_VECTOR and adds SPARSE_VECTOR (IDF modifier)."""
         if await self._call("check collection", lambda c: c.collection_exists(self._collection)):
             info = await self._call("read collection", lambda c: c.get_collection(self._collection))
-            params = info.config.params.vectors
+            params: Any = info.config.params.vectors
+            if named:
+                params = params.get(DENSE_VECTOR) if isinstance(params, dict) else None
+                if SPARSE_VECTOR not in (info.config.params.sparse_vectors or {}):
+                    params = None
             size = params.size if isinstance(params, models.VectorParams) else None
             distance = params.distance if isinstance(params, models.VectorParams) else None
             if size != dim or distance != models.Distance.COSINE:
@@ -274,10 +301,14 @@ class QdrantStore(VectorStore):
                 quantization = models.ScalarQuantization(
                     scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
                 )
+            dense = models.VectorParams(
+                size=dim, distance=models.Distance.COSINE, on_disk=layout.vectors_on_disk or None
+            )
             await self._create_collection(
                 self._collection,
-                vectors_config=models.VectorParams(
-                    size=dim, distance=models.Distance.COSINE, on_disk=layout.vectors_on_disk or None
+                vectors_config={DENSE_VECTOR: dense} if named else dense,
+                sparse_vectors_config=(
+                    {SPARSE_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)} if named else None
                 ),
                 hnsw_config=models.HnswConfigDiff(
                     m=self._hnsw.m,
@@ -368,8 +399,17 @@ class QdrantStore(VectorStore):
     async def upsert_chunks(self, points: Sequence[ChunkPoint]) -> None:
         if not points:
             return
-        structs = [models.PointStruct(id=p.id, vector=as_floats(p.vector), payload=dict(p.payload)) for p in points]
+        structs = [models.PointStruct(id=p.id, vector=self._point_vector(p), payload=dict(p.payload)) for p in points]
         await self._call("upsert chunks", lambda c: c.upsert(self._collection, structs, wait=True))
+
+    def _point_vector(self, point: ChunkPoint) -> Any:
+        dense = as_floats(point.vector)
+        if self._sparse is None:
+            return dense
+        vectors: dict[str, Any] = {DENSE_VECTOR: dense}
+        if point.sparse:  # a chunk without a single term has no sparse vector
+            vectors[SPARSE_VECTOR] = _qdrant_sparse(point.sparse)
+        return vectors
 
     async def delete_chunks(self, tenant_id: str, doc_id: str, *, below_version: int | None = None) -> None:
         flt = _qdrant_filter(doc_chunks_filter(tenant_id, doc_id, below_version=below_version))
@@ -422,28 +462,20 @@ class QdrantStore(VectorStore):
         exact: bool = False,
         with_vectors: bool = False,
     ) -> list[Hit]:
-        # local mode always searches exactly, and warns when given search params
-        params = None
-        if not self.is_local:
-            quantization = None
-            if self._layout.quantized:  # exact search is the ground truth of recall: original vectors only
-                quantization = (
-                    models.QuantizationSearchParams(ignore=True)
-                    if exact
-                    else models.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling)
-                )
-            params = models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=quantization)
+        params = self._search_params(hnsw_ef, exact)
         query = as_floats(vector)
+        using = DENSE_VECTOR if self._sparse is not None else None
         response = await self._call(
             "search",
             lambda c: c.query_points(
                 self._collection,
                 query=query,
+                using=using,
                 query_filter=_qdrant_filter(flt),
                 search_params=params,
                 limit=limit,
                 with_payload=True,
-                with_vectors=with_vectors,
+                with_vectors=[DENSE_VECTOR] if with_vectors and using else with_vectors,
             ),
         )
         return [
@@ -455,6 +487,82 @@ class QdrantStore(VectorStore):
             )
             for p in response.points
         ]
+
+    def _search_params(self, hnsw_ef: int | None, exact: bool) -> models.SearchParams | None:
+        if self.is_local:  # local mode always searches exactly, and warns when given search params
+            return None
+        quantization = None
+        if self._layout.quantized:  # exact search is the ground truth of recall: original vectors only
+            quantization = (
+                models.QuantizationSearchParams(ignore=True)
+                if exact
+                else models.QuantizationSearchParams(rescore=True, oversampling=self._layout.oversampling)
+            )
+        return models.SearchParams(hnsw_ef=hnsw_ef or self._hnsw_ef, exact=exact, quantization=quantization)
+
+    async def query(
+        self,
+        *,
+        mode: SearchMode,
+        vector: VectorLike | None,
+        sparse: SparseVector | None,
+        flt: Filter | None,
+        limit: int,
+        hybrid: HybridParams = HybridParams(),
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        if mode == "dense":
+            return await super().query(
+                mode=mode, vector=vector, sparse=sparse, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact
+            )
+        if self._sparse is None:
+            raise ModeUnsupportedError(
+                f"collection {self._collection!r} has no sparse vectors (it is dense-only or was made before them): "
+                f"it serves mode 'dense' only, not {mode!r}"
+            )
+        if sparse is None or (mode == "hybrid" and vector is None):
+            raise ValueError(f"a {mode} search needs {'both vectors' if mode == 'hybrid' else 'a sparse vector'}")
+        qflt = _qdrant_filter(flt)
+        terms = _qdrant_sparse(sparse)
+        if mode == "sparse":
+            call = functools.partial(
+                AsyncQdrantClient.query_points,
+                collection_name=self._collection,
+                query=terms,
+                using=SPARSE_VECTOR,
+                query_filter=qflt,
+                limit=limit,
+                with_payload=True,
+            )
+        else:
+            assert vector is not None
+            candidates = max(hybrid.prefetch_limit, limit)
+            fusion: Any = (
+                models.RrfQuery(rrf=models.Rrf(k=hybrid.rrf_k))
+                if hybrid.fusion == "rrf"
+                else models.FusionQuery(fusion=models.Fusion.DBSF)
+            )
+            call = functools.partial(
+                AsyncQdrantClient.query_points,
+                collection_name=self._collection,
+                prefetch=[
+                    models.Prefetch(
+                        query=as_floats(vector),
+                        using=DENSE_VECTOR,
+                        filter=qflt,
+                        params=self._search_params(hnsw_ef, exact),
+                        limit=candidates,
+                    ),
+                    models.Prefetch(query=terms, using=SPARSE_VECTOR, filter=qflt, limit=candidates),
+                ],
+                query=fusion,
+                query_filter=qflt,
+                limit=limit,
+                with_payload=True,
+            )
+        response = await self._call(f"{mode} search", call)
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {})) for p in response.points]
 
     async def build_index(self) -> None:
         """A server indexes by itself: wait (bounded) until it reports no optimization pending."""
@@ -503,6 +611,10 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ResponseHandlingException):  # its own str() is empty; the cause is in .source
         return f"{type(exc.source).__name__}: {exc.source}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _qdrant_sparse(vector: SparseVector) -> models.SparseVector:
+    return models.SparseVector(indices=list(vector.indices), values=list(vector.values))
 
 
 # --- filter translation -------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """The document registry both Qdrant adapters keep: one point per document holding its DocState, and one
-meta point recording the collection's {model, dim}; how those payloads look and how a mismatch is refused.
+meta point recording the collection's {model, dim} and, when it has sparse vectors, the tokenizer record; how
+those payloads look and how a mismatch is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline.errors import ModelMismatchError
+from pipeline.errors import ModelMismatchError, TokenizerMismatchError
 from pipeline.store.base import DOC, TENANT, VERSION, DocState, doc_point_id
+
+log = logging.getLogger(__name__)
 
 # --- the registry layout, shared by the adapters ------------------------------------------------------------
 # The registry is a second collection, ``<collection>__registry``: one point per document (id doc_point_id,
@@ -73,8 +77,55 @@ def doc_states_by_key(
     return {key: found[key] for key in keys if key in found}
 
 
-def meta_payload(model: str, dim: int) -> dict[str, Any]:
-    return {_KIND: "meta", "model": model, "dim": int(dim)}
+def meta_payload(model: str, dim: int, sparse: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The meta point: {model, dim}, and ``sparse`` (the tokenizer record) when the collection has sparse
+    vectors; a collection whose meta has no ``sparse`` (all made before them) is dense-only."""
+    payload: dict[str, Any] = {_KIND: "meta", "model": model, "dim": int(dim)}
+    if sparse is not None:
+        payload["sparse"] = dict(sparse)
+    return payload
+
+
+def resolve_sparse(
+    stored: Mapping[str, Any] | None, requested: Mapping[str, Any] | None, *, collection: str, remedy: str
+) -> dict[str, Any] | None:
+    """The tokenizer record the open collection has (None: dense-only), given its stored meta (None: a new
+    collection, which gets ``requested``) and this process's record. Raises TokenizerMismatchError when both
+    exist and differ: a query tokenized one way never matches chunks tokenized another way."""
+    if stored is None:
+        return dict(requested) if requested is not None else None
+    have = stored.get("sparse")
+    if not isinstance(have, Mapping):
+        if requested is not None:
+            log.warning(
+                "collection %r has no sparse vectors (it is dense-only or was made before them): serving dense "
+                "search only. README, 'Hybrid search', says how to rebuild it with sparse vectors",
+                collection,
+            )
+        return None
+    if requested is not None and not _same_record(have, requested):
+        differ = sorted(k for k in set(have) | set(requested) if not _same_value(have.get(k), requested.get(k)))
+        raise TokenizerMismatchError(
+            f"collection {collection!r} holds sparse vectors made with tokenizer settings "
+            f"{ {k: have.get(k) for k in differ} }, but this process is configured with "
+            f"{ {k: requested.get(k) for k in differ} }; a query tokenized one way never matches chunks "
+            f"tokenized another. Either set VECTORSTREAM_SPARSE__* back to the collection's values, set "
+            f"VECTORSTREAM_STORE__COLLECTION to another collection name, or {remedy} and re-ingest the documents."
+        )
+    return dict(have)
+
+
+def _same_record(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return set(a) == set(b) and all(_same_value(a[k], b[k]) for k in a)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    # a stored payload may give 100.0 back as 100: numbers compare as numbers
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool | str):
+        return float(a) == float(b)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def check_meta(stored: Mapping[str, Any] | None, *, model: str, dim: int, collection: str, remedy: str) -> None:

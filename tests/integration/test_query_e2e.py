@@ -1,5 +1,6 @@
 """Queries end to end on a real broker (Apache Kafka and Tansu) with a real worker process: request -> reply
-for text queries, filters, permissions and tenants, every error code, a missed deadline, and overload.
+for text queries, filters, permissions and tenants, the search modes (a rare identifier that sparse and hybrid
+search find and dense search misses), every error code, a missed deadline, and overload.
 
 One worker per broker serves every case of this module; the last case reads the tenants' reply topics and checks
 that every request got exactly one reply, keyed by its request id and carrying the correlation header, on the
@@ -72,6 +73,25 @@ DOCS = [
         {"public": True},
         {"year": 2020, "lang": "en"},
     ),
+    # field notes only dave may read: near-identical identifiers, one of them QX-7741-B (see test_search_modes)
+    *(
+        (
+            "acme",
+            f"note-{code}",
+            f"Field note {n}",
+            f"After the firmware update the unit reported {code}; the vendor replaced the {part}.",
+            {"users": ["dave"]},
+            {},
+        )
+        for n, code, part in (
+            (7, "QX-7741-B", "board"),
+            (1, "QX-7714-B", "fan"),
+            (2, "QX-1477-B", "cable"),
+            (3, "QX-4177-B", "disk"),
+            (4, "QX-7471-B", "battery"),
+            (5, "QX-1747-B", "screen"),
+        )
+    ),  # fmt: skip
     (
         "globex",
         "pw",
@@ -237,6 +257,27 @@ async def test_filters(served):
     assert set(
         await served.docs(filter={"should": [{"key": "lang", "match": "de"}, {"key": "year", "range": {"lt": 2021}}]})
     ) == {"pw-de", "coffee"}
+
+
+async def test_search_modes_find_a_rare_identifier_dense_misses(served):
+    """The collection has BM25 sparse vectors (the worker's default): hybrid is the default mode, and the reply
+    says which mode served it. Among near-identical field notes, dense search ranks another code first; BM25
+    and both fusions rank the note that names the identifier first."""
+    dave = served.token(user="dave")
+    question = "unit reported QX-7741-B"
+    dense = await served.reply(question, token=dave, top_k=1, mode="dense")
+    assert isinstance(dense, QueryResult) and dense.mode == "dense", dense
+    assert dense.hits and dense.hits[0].doc_id != "note-QX-7741-B"
+    for mode, fusion in (("sparse", None), ("hybrid", "rrf"), ("hybrid", "dbsf"), (None, None)):
+        reply = await served.reply(question, token=dave, top_k=1, mode=mode, fusion=fusion)
+        assert isinstance(reply, QueryResult), reply
+        assert reply.mode == (mode or "hybrid") and reply.fusion == (
+            fusion or ("rrf" if reply.mode == "hybrid" else None)
+        )
+        assert [h.doc_id for h in reply.hits] == ["note-QX-7741-B"], (mode, fusion)
+    # alice may not read the notes: no mode shows them to her
+    for mode in ("dense", "sparse", "hybrid"):
+        assert not any(d.startswith("note-") for d in await served.docs(question, mode=mode))
 
 
 @pytest.mark.parametrize(

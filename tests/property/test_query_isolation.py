@@ -1,8 +1,11 @@
-"""Property: whatever the tenants, documents, access lists, callers and filters, a query never returns a chunk
-of another tenant or one its caller may not read, and every readable chunk that matches the filter is found.
+"""Property: whatever the tenants, documents, access lists, callers, filters and search modes (dense, sparse,
+hybrid with RRF or DBSF), a query never returns a chunk of another tenant or one its caller may not read, and
+every readable chunk that matches the filter is found.
 
-Runs the real QueryService (token verification, filter construction, search) against a real Qdrant Edge store;
-only the embedder is replaced, by a deterministic map from query text to a random unit vector.
+Runs the real QueryService (token verification, filter construction, search) against a real Qdrant Edge store
+with BM25 sparse vectors; only the embedder is replaced, by a deterministic map from query text to a random
+unit vector. Every chunk of every tenant shares the term "common", and every query asks for it, so the sparse
+candidates of a query span all tenants and only the engine's filter keeps them apart.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pipeline.ingest import chunk_payload
 from pipeline.query import QueryService
 from pipeline.query_filter import caller_filter, search_filter
 from pipeline.settings import Settings
+from pipeline.sparse import SparseEncoder, TokenizerConfig
 from pipeline.store.base import ChunkPoint, chunk_point_id
 from pipeline.store.edge import EdgeStore
 from schemas.events import DocumentUpsert
@@ -37,7 +41,8 @@ GROUPS = ["g0", "g1", "g2"]
 LANGS = ["en", "de", "fr"]
 TAGS = ["a", "b", "c"]
 _examples = itertools.count()
-STATS = {"callers": 0, "nonempty": 0, "raw_missed": 0}
+STATS = {"callers": 0, "nonempty": 0, "raw_missed": 0, "sparse_or_hybrid": 0}
+SPARSE = SparseEncoder(TokenizerConfig())
 
 
 def unit(seed: int) -> list[float]:
@@ -46,12 +51,12 @@ def unit(seed: int) -> list[float]:
 
 
 class HashEmbedder:
-    """Query text "q<seed>" -> a fixed random unit vector."""
+    """Query text "q<seed> ..." -> a fixed random unit vector."""
 
     name = "hash"
 
     async def encode_query(self, texts):
-        return np.array([unit(int(t[1:])) for t in texts], dtype=np.float32)
+        return np.array([unit(int(t.split()[0][1:])) for t in texts], dtype=np.float32)
 
 
 class Sink:
@@ -119,6 +124,8 @@ callers = st.fixed_dictionaries(
         "filter": filters,
         "seed": st.integers(0, 2**31),
         "exact": st.booleans(),
+        "mode": st.sampled_from([None, "dense", "sparse", "hybrid"]),
+        "fusion": st.sampled_from([None, "rrf", "dbsf"]),
     }
 )
 
@@ -168,7 +175,7 @@ def readable(doc: dict, tenant: int, user: str, groups: list[str]) -> bool:
 def world(tmp_path_factory):
     loop = asyncio.new_event_loop()
     store = EdgeStore(tmp_path_factory.mktemp("isolation"), "isolation", flush_writes=False)
-    loop.run_until_complete(store.open(model=HashEmbedder.name, dim=DIM))
+    loop.run_until_complete(store.open(model=HashEmbedder.name, dim=DIM, sparse=SPARSE.record()))
     base = Settings(_env_file=None)
     cfg = base.model_copy(
         update={"query": base.query.model_copy(update={"hs256_secret": SecretStr(SECRET), "recall_sample_rate": 0.0})}
@@ -177,6 +184,7 @@ def world(tmp_path_factory):
     yield loop, store, service, cfg
     # not vacuous: many callers could read something that their filter let through
     assert STATS["nonempty"] >= 20, STATS
+    assert STATS["sparse_or_hybrid"] >= 20, STATS
     loop.run_until_complete(service.close())
     loop.run_until_complete(store.close())
     loop.close()
@@ -205,12 +213,13 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
         )
         owner[doc_id] = d
         for c in range(d["chunks"]):
-            chunk = Chunk(index=c, text=f"{doc_id}/{c}", tokens=1, start_char=0, end_char=1)
+            chunk = Chunk(index=c, text=f"{doc_id}/{c} common", tokens=1, start_char=0, end_char=1)
             points.append(
                 ChunkPoint(
                     chunk_point_id(event.tenant_id, doc_id, c),
                     unit(d["seed"] + c),
                     chunk_payload(event, chunk, HashEmbedder.name),
+                    SPARSE.encode_document(chunk.text),
                 )
             )
 
@@ -227,7 +236,7 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
                 "request_id": uuid.uuid4().hex,
                 "tenant_id": tenants[caller["claimed_tenant"]],
                 "token": token,
-                "query": f"q{caller['seed']}",
+                "query": f"q{caller['seed']} common",
                 "top_k": cfg.query.max_top_k,
                 "reply_topic": f"{cfg.kafka.replies_topic}.{tenants[caller['claimed_tenant']]}",
                 "deadline_ms": int(time.time() * 1000) + 60_000,
@@ -235,6 +244,10 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
             }
             if caller["filter"] is not None:
                 body["filter"] = caller["filter"]
+            if caller["mode"] is not None:
+                body["mode"] = caller["mode"]
+            if caller["fusion"] is not None and caller["mode"] in (None, "hybrid"):
+                body["fusion"] = caller["fusion"]
             reply = await service.handle(body["request_id"].encode(), json.dumps(body).encode())
             # every reply goes to the verified tenant's own topic, never to the one a request names
             assert reply.topic == f"{cfg.kafka.replies_topic}.{tenants[caller['tenant']]}"
@@ -242,6 +255,9 @@ def test_no_hit_crosses_tenant_or_permission_and_every_readable_match_is_found(w
                 assert isinstance(reply.body, QueryFailure) and reply.body.error.code == ErrorCode.TENANT_MISMATCH
                 continue
             assert isinstance(reply.body, QueryResult), reply.body
+            # the reply says which mode served it: the one asked for, else hybrid (the collection has sparse vectors)
+            assert reply.body.mode == (caller["mode"] or "hybrid")
+            STATS["sparse_or_hybrid"] += reply.body.mode != "dense"
             got = {(h.doc_id, h.chunk_index) for h in reply.body.hits}
             # safety: no hit of another tenant (or of another example) or that the caller may not read
             for doc_id, _ in got:

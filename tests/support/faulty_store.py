@@ -11,9 +11,21 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import StoreUnavailableError
-from pipeline.store.base import ChunkPoint, DocState, Filter, Hit, StoreInfo, VectorStore
+from pipeline.store.base import (
+    ChunkPoint,
+    DocState,
+    Filter,
+    Hit,
+    HybridParams,
+    SearchMode,
+    SparseVector,
+    StoreInfo,
+    VectorLike,
+    VectorStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +79,13 @@ class FaultyStore(VectorStore):
             self.faults += 1
             raise StoreUnavailableError(f"injected outage ({self.fault_file} exists): {what} refused")
 
-    async def open(self, *, model: str, dim: int) -> StoreInfo:
+    async def open(self, *, model: str, dim: int, sparse: dict[str, Any] | None = None) -> StoreInfo:
         await self._gate("open")
-        return await self.inner.open(model=model, dim=dim)
+        return await self.inner.open(model=model, dim=dim, sparse=sparse)
+
+    @property
+    def sparse_record(self) -> dict[str, Any] | None:
+        return self.inner.sparse_record
 
     async def close(self) -> None:
         await self.inner.close()
@@ -134,6 +150,23 @@ class FaultyStore(VectorStore):
         await self._gate("search")
         return await self.inner.search(
             vector, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact, with_vectors=with_vectors
+        )
+
+    async def query(
+        self,
+        *,
+        mode: SearchMode,
+        vector: VectorLike | None,
+        sparse: SparseVector | None,
+        flt: Filter | None,
+        limit: int,
+        hybrid: HybridParams = HybridParams(),
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        await self._gate("search")
+        return await self.inner.query(
+            mode=mode, vector=vector, sparse=sparse, flt=flt, limit=limit, hybrid=hybrid, hnsw_ef=hnsw_ef, exact=exact
         )
 
     async def build_index(self) -> None:

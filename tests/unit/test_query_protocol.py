@@ -17,6 +17,8 @@ SECRET = "unit-test-secret-0123456789abcdef-xyz"
 
 
 class NoStore:
+    sparse_record = None  # a dense-only collection
+
     async def search(self, *a, **kw):
         raise AssertionError("no store call expected")
 
@@ -317,6 +319,8 @@ async def test_the_admission_slot_is_free_before_the_reply_is_produced(cfg):
     """A reply that hangs (a broker that never confirms) must not hold the admission slot of its request."""
 
     class OneHitStore:
+        sparse_record = None
+
         async def search(self, *a, **kw):
             return []
 
