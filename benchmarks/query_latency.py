@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import shutil
 import statistics
 import tempfile
@@ -263,6 +264,67 @@ async def recall_tables(
         "acl_caller": format_table(caller_rows, k=10, n=len(picked), markdown=True),
         "rows": {"acl": [r.__dict__ for r in acl_rows], "acl_caller": [r.__dict__ for r in caller_rows]},
     }
+
+
+def pgvector_plans(postgres_url: str, *, tenants: int, ef: int) -> list[dict[str, Any]]:
+    """EXPLAIN ANALYZE of the adapter's filtered search, one random caller per filter, as the worker's
+    transaction runs it (its tenant scope and hnsw settings): which index the planner picked is what decides
+    whether pgvector's HNSW graph is walked at all. The statement mirrors ``PgVectorStore._search`` (the same
+    ``compile_filter``); a diagnostic next to the measurements, not one of them."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+    from psycopg import sql
+
+    from pipeline.auth import Principal
+    from pipeline.query_filter import caller_filter, search_filter
+    from pipeline.settings import StoreSettings
+    from pipeline.store.pgvector import ALL_TENANTS_SETTING, TENANT_SETTING, compile_filter
+
+    defaults = StoreSettings()
+    rng = random.Random(SEED + 3)
+    out = []
+    with psycopg.connect(postgres_url) as conn:
+        register_vector(conn)
+        for caller in (False, True):
+            tenant, user, groups = random_principal(rng, tenants)
+            flt = search_filter(
+                Principal(tenant, user, tuple(groups)), caller_filter(CALLER_FILTER) if caller else None
+            )
+            where = compile_filter(flt)
+            with conn.transaction():
+                conn.execute(
+                    "SELECT set_config(%s, %s, true), set_config(%s, 'off', true)",
+                    (TENANT_SETTING, tenant, ALL_TENANTS_SETTING),
+                )
+                conn.execute(
+                    "SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true),"
+                    " set_config('hnsw.max_scan_tuples', %s, true)",
+                    (str(ef), defaults.pgvector_iterative_scan, str(defaults.pgvector_max_scan_tuples)),
+                )
+                row = conn.execute(
+                    "SELECT embedding FROM vectorstream_chunks OFFSET %s LIMIT 1", (rng.randrange(1000),)
+                ).fetchone()
+                assert row is not None
+                statement = (
+                    sql.SQL("EXPLAIN (ANALYZE, BUFFERS) SELECT id, payload, embedding <=> %s AS distance FROM ")
+                    + sql.Identifier(defaults.collection)
+                    + sql.SQL(" WHERE ")
+                    + where.sql
+                    + sql.SQL(" ORDER BY embedding <=> %s LIMIT %s")
+                )
+                lines = [r[0] for r in conn.execute(statement, [row[0], *where.params, row[0], 10]).fetchall()]
+            plan = "\n".join(re.sub(r"'\[[^]]*\]'::vector", "'[...]'::vector", line) for line in lines)
+            scans = re.findall(r"(Index Scan|Seq Scan|Bitmap Heap Scan|Index Only Scan)(?: using (\S+))?", plan)
+            out.append(
+                {
+                    "filter": _filter_label(caller),
+                    "tenant": tenant,
+                    "scans": [f"{kind} {index}".strip() for kind, index in scans],
+                    "hnsw_used": any(index.endswith("_hnsw") for _, index in scans),
+                    "plan": plan,
+                }
+            )
+    return out
 
 
 # --- floors -----------------------------------------------------------------------------------------------
@@ -749,6 +811,8 @@ def run(
         return built["points"]
 
     results: dict[str, Any] = {
+        "n": n,
+        "recall_n": recall_n,
         "chunks_asked": chunks,
         "tenants": tenants,
         "points_fingerprint": fp,
@@ -786,6 +850,10 @@ def run(
             )
             results["recall"][store] = recall["rows"]
             results["recall_tables"][store] = {"acl": recall["acl"], "acl_caller": recall["acl_caller"]}
+            if store == "pgvector":
+                results["pgvector_plans"] = pgvector_plans(
+                    env["VECTORSTREAM_STORE__POSTGRES_URL"], tenants=tenants, ef=settings.store.hnsw_ef
+                )
         if "acl" not in built:  # every store was reused: the access statistics without loading anything
             points()
         results["acl"] = built["acl"]
@@ -860,8 +928,32 @@ def _filter_label(caller: bool) -> str:
     return "tenant + access" + (" + caller" if caller else "")
 
 
-def write(results: dict[str, Any], *, n: int, recall_n: int, out: str = "query_latency") -> None:
-    machine = machine_info()
+def plans_only(reuse: Path, out: str) -> None:
+    """Add the pgvector plans to an existing results file from the store its run left in ``reuse`` (the same
+    data fingerprint), and rewrite its Markdown from the JSON: the measurements and machine stay the run's."""
+    path = RESULTS / f"{out}.json"
+    data = json.loads(path.read_text())
+    machine = data.pop("machine")
+    data_dir = reuse / f"pg-{data['points_fingerprint']}"
+    if not (data_dir / "bench-loaded.json").is_file():
+        raise SystemExit(f"no loaded pgvector store of this run's data under {data_dir}")
+    pg = bench_postgres(data_dir)
+    try:
+        pg.start()
+        data["pgvector_plans"] = pgvector_plans(
+            pg.app_url(PG_DATABASE), tenants=data["tenants"], ef=int(data["default_ef"])
+        )
+    finally:
+        pg.close()
+    n = data.get("n") or data["latency"][0]["n"]
+    recall_n = data.get("recall_n") or 200
+    write(data, n=n, recall_n=recall_n, out=out, machine=machine)
+
+
+def write(
+    results: dict[str, Any], *, n: int, recall_n: int, out: str = "query_latency", machine: dict[str, Any] | None = None
+) -> None:
+    machine = machine or machine_info()
     show_mode = results["mode_field"] or results["modes"] != ["dense"]
     lat_rows = []
     for r in results["latency"]:
@@ -1061,6 +1153,24 @@ def write(results: dict[str, Any], *, n: int, recall_n: int, out: str = "query_l
             tables["acl_caller"],
             "",
         ]
+    plans = results.get("pgvector_plans")
+    if plans:
+        md += [
+            "## PostgreSQL + pgvector: the plan the planner chose",
+            "",
+            "`EXPLAIN (ANALYZE, BUFFERS)` of the adapter's search (`pgvector_plans`), one random caller per "
+            "filter, in a transaction set up as the worker's (tenant scope, `hnsw.ef_search` = the default ef, "
+            "iterative scan). When no scan uses the `_hnsw` index, the planner answered with an exact search "
+            "(another index and a sort), so recall is 1.0 at every ef and ef does not change the latency.",
+            "",
+            table(
+                ["filter", "scans", "HNSW graph walked"],
+                [[p["filter"], ", ".join(p["scans"]), "yes" if p["hnsw_used"] else "no"] for p in plans],
+            ),
+            "",
+        ]
+        for p in plans:
+            md += [f"Plan, {p['filter']} (tenant {p['tenant']}):", "", "```", p["plan"], "```", ""]
     md += ["## Stores", "", store_table, "", "## Machine", "", machine_table(machine), ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{out}.md").write_text("\n".join(md))
@@ -1108,7 +1218,18 @@ def main(argv: list[str] | None = None) -> int:
         "(chunks, tenants, seed, embedding backend, build_points): skips the load and the HNSW build",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (worker logs, Edge store)")
+    parser.add_argument(
+        "--plans-only",
+        action="store_true",
+        help="with --reuse: only add pgvector's query plans to the results file --out names, from the store its "
+        "run left there, and rewrite its Markdown (measurements unchanged)",
+    )
     args = parser.parse_args(argv)
+    if args.plans_only:
+        if args.reuse is None:
+            parser.error("--plans-only needs --reuse DIR (the folder the run kept its stores in)")
+        plans_only(args.reuse.resolve(), args.out)
+        return 0
     stores = _csv(args.stores)
     unknown = set(stores) - set(STORES)
     if unknown or not stores:
