@@ -91,7 +91,11 @@ def summary_rows() -> list[list[str]]:
                 rows.append(
                     _row(
                         f"end-to-end ingest, variant {v['name']}, vs the Qdrant Edge row",
-                        f"{v['chunks_per_second'] / e2e:.2f}x ({v['chunks_per_second']:.1f} vs {e2e:.1f} chunks/s)",
+                        f"{v['chunks_per_second'] / e2e:.2f}x ({v['chunks_per_second']:.1f} vs {e2e:.1f} chunks/s; "
+                        f"worker upserts {v['detail']['worker_upsert_seconds']:.1f} s vs "
+                        f"{ingest['end_to_end']['worker_upsert_seconds']:.1f} s, embedding "
+                        f"{v['detail']['worker_embed_seconds']:.1f} s vs "
+                        f"{ingest['end_to_end']['worker_embed_seconds']:.1f} s)",
                         "reported",
                         None,
                         "ingest_throughput.md",

