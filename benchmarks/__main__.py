@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine_info, say, table, write_results
 
-SUITE = ("embedding_backends", "ingest_throughput", "retrieval_quality", "reingest", "scale")
+SUITE = ("embedding_backends", "roofline", "ingest_throughput", "retrieval_quality", "reingest", "scale")
 
 #: what was tried for a target, shown next to it when it is missed
 TRIED = {
