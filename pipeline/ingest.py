@@ -496,13 +496,11 @@ class IngestService:
             return {}, {}
         texts = [c.text for _, c in wanted]
         lengths = [c.tokens for _, c in wanted]
-        started = time.perf_counter()
         try:
-            vecs = await self.embedder.encode(texts, lengths)
+            vecs = await self.embedder.encode(texts, lengths)  # the embedder observes the model's time
         except Exception:  # noqa: BLE001 - find the document(s) at fault, embed the rest
             log.exception("embedding a batch of %d chunks failed; isolating the documents at fault", len(texts))
             return await self._embed_isolating(wanted)
-        m.EMBED_BATCH_SECONDS.observe(time.perf_counter() - started)
         m.EMBED_TOKENS.inc(sum(lengths))
         return {(key, c.index): vecs[j] for j, (key, c) in enumerate(wanted)}, {}
 
