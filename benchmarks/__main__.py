@@ -21,8 +21,12 @@ TRIED = {
     "fastest backend is only about 1.1x PyTorch, so embedding itself cannot get 3x cheaper here; "
     "on a CPU with AVX-512 VNNI this pipeline measured 3.74x "
     "(results/archive/2026-11-25-avx512-vnni).",
-    "e2e_vs_embedder": "the worker embeds in a thread while the event loop decodes and writes; the broker, the "
-    "decode, chunking and the upserts share the same two cores with the model.",
+    "e2e_vs_embedder": "the worker keeps two batches in flight (ingest.batches_in_flight): the next batch is "
+    "decoded, chunked and queued for the model while the current one embeds and writes. pipeline_overhead.md "
+    "measures the embedder alone and the worker end to end in turns, in wall time and in CPU seconds per chunk "
+    "per thread group: the worker's CPU per chunk is close to the embedder's alone (the event loop's decode, "
+    "chunking and payloads are the rest), while the wall-time ratio swings from run to run with the load "
+    "other jobs put on the two shared cores.",
     "roofline": "see operator_profile.md for where the chosen backend's time goes.",
     "mean_cosine": "int8 variants are checked by the quality guard; a lower one is refused unless forced.",
     "ndcg": "see mean cosine.",
