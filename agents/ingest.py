@@ -89,31 +89,77 @@ def install_ingest_agent(
     )
     cfg = settings.ingest
 
+    async def finish(task: asyncio.Future[Any], events: list[Any], stream: Any) -> None:
+        """Wait for one batch's ``handle``; ack its events only after it returned (batches finish in order)."""
+        try:
+            report = await task
+        except ShutdownRequested:
+            # stopping while the batch waited for the store: nothing of it is acked, a restart replays it
+            log.warning("stopping: %d records given back uncommitted", len(events))
+            await asyncio.Event().wait()  # until faust cancels the agent
+        except BreakerOpenError as exc:
+            # stop consuming: nothing of this batch is acked, lag grows, /readyz and alerts say why
+            log.critical("ingest breaker open: %s", exc)
+            if on_halt is not None:
+                on_halt(f"ingest breaker open: {exc}")
+            # the halted batch is given back, not finished: a shutdown or a rebalance must not wait for it to
+            # be acked (faust's stream_wait_empty would wait forever, so SIGTERM and rebalances would hang)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # faust warns that the setting was read before
+                app.conf.stream_wait_empty = False
+            await asyncio.Event().wait()  # until the worker is stopped
+        for event in events:
+            await stream.ack(event)
+        log.debug("batch of %d: %s", len(events), report)
+
     async def ingest(stream: Any) -> None:
         # noack_take yields events and leaves acking to us: we ack only after handle() returned, i.e.
-        # after the store confirmed every write or the dead-letter topic every rejection
-        async for events in stream.noack_take(cfg.max_batch_events, within=cfg.max_batch_wait_seconds):
-            records = [to_record(e) for e in events]
+        # after the store confirmed every write or the dead-letter topic every rejection.
+        # Up to ingest.batches_in_flight batches are handled at once: the next one is decoded, chunked and
+        # queued for the model while this one embeds and writes (handle keeps writes and acks in batch order),
+        # so the model does not sit idle during the writes, the registry reads and the chunking. A second task
+        # finishes (acks) the batches in order as they complete, so a quiet topic still gets its last acks.
+        slots = asyncio.Semaphore(cfg.batches_in_flight)
+        queue: asyncio.Queue[tuple[asyncio.Future[Any], list[Any]]] = asyncio.Queue()
+        consumer = asyncio.current_task()
+        failure: list[BaseException] = []
+
+        async def acker() -> None:
             try:
-                report = await service.handle(records)
-            except ShutdownRequested:
-                # stopping while the batch waited for the store: nothing of it is acked, a restart replays it
-                log.warning("stopping: %d records given back uncommitted", len(records))
-                await asyncio.Event().wait()  # until faust cancels the agent
-            except BreakerOpenError as exc:
-                # stop consuming: nothing of this batch is acked, lag grows, /readyz and alerts say why
-                log.critical("ingest breaker open: %s", exc)
-                if on_halt is not None:
-                    on_halt(f"ingest breaker open: {exc}")
-                # the halted batch is given back, not finished: a shutdown or a rebalance must not wait for it to
-                # be acked (faust's stream_wait_empty would wait forever, so SIGTERM and rebalances would hang)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # faust warns that the setting was read before
-                    app.conf.stream_wait_empty = False
-                await asyncio.Event().wait()  # until the worker is stopped
-            for event in events:
-                await stream.ack(event)
-            log.debug("batch of %d: %s", len(records), report)
+                while True:
+                    task, taken = await queue.get()
+                    try:
+                        await finish(task, taken, stream)
+                    finally:
+                        slots.release()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                # a batch failed unexpectedly: crash the agent, uncommitted, as a sequential loop would
+                failure.append(exc)
+                if consumer is not None:
+                    consumer.cancel()
+                raise
+
+        acking = asyncio.ensure_future(acker())
+        current: asyncio.Future[Any] | None = None
+        try:
+            async for events in stream.noack_take(cfg.max_batch_events, within=cfg.max_batch_wait_seconds):
+                await slots.acquire()
+                records = [to_record(e) for e in events]
+                current = asyncio.ensure_future(service.handle(records))
+                queue.put_nowait((current, list(events)))
+                current = None
+        except asyncio.CancelledError:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            acking.cancel()
+            if current is not None:
+                current.cancel()
+            while not queue.empty():
+                queue.get_nowait()[0].cancel()
 
     agent = app.agent(documents, name="vectorstream.ingest", concurrency=1)(ingest)
 

@@ -224,9 +224,12 @@ class OpenVinoBackend(_Tokenizing):
         label: str,
         *,
         latency: bool = False,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(tokenizer, max_seq_length, pooling)
         import openvino as ov
+
+        self.xml_path = path
 
         core = ov.Core()
         # ingest: one stream per core, one thread each: on few cores, batches side by side beat one batch on all
@@ -240,6 +243,7 @@ class OpenVinoBackend(_Tokenizing):
             # fp32 means fp32: without this OpenVINO computes in bf16 on CPUs that have it
             "INFERENCE_PRECISION_HINT": "f32",
         }
+        config.update(overrides or {})  # the roofline benchmark's layout experiments
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self._names = [p.get_any_name() for p in self.compiled.inputs]
         self._queue: Any = None

@@ -294,6 +294,22 @@ class BatchPlan:
         ]
 
 
+class EarlierBatchFailed(VectorstreamError):
+    """The batch before this one failed; this one wrote nothing and is given back uncommitted with it."""
+
+
+@dataclass
+class _Admitted:
+    """A batch in flight: its documents, and whether its writes and dead letters were confirmed."""
+
+    keys: frozenset[DocKey]
+    done: asyncio.Future[bool]
+
+    async def wait(self) -> None:
+        if not await asyncio.shield(self.done):
+            raise EarlierBatchFailed("an earlier batch in flight failed; this one is given back with it")
+
+
 class IngestService:
     """Plans, writes and acknowledges batches of document events; see the module docstring."""
 
@@ -325,6 +341,8 @@ class IngestService:
         self.stopping = False
         #: true while a batch waits in a retry loop for a dependency
         self.paused = False
+        #: the last batch admitted by ``handle`` and still in flight (the next one orders itself after it)
+        self._last_admitted: _Admitted | None = None
         self._sparse: SparseEncoder | None = None
 
     def sparse_encoder(self) -> SparseEncoder | None:
@@ -339,18 +357,39 @@ class IngestService:
     # --- the entry point ---------------------------------------------------------------------------------
 
     async def handle(self, records: Sequence[Record]) -> BatchReport:
-        """Plan, write, then dead-letter the rejected records; returns only when all are confirmed (rule 2)."""
+        """Plan, write, then dead-letter the rejected records; returns only when all are confirmed (rule 2).
+
+        Two calls may overlap (the agent plans and embeds the next batch while this one writes, so the model
+        is not idle during the writes): a batch plans only after every earlier batch in flight that holds one
+        of its documents has written, and it writes and dead-letters only after the batch before it did, so
+        writes, dead letters and acks keep batch order. A batch whose predecessor failed writes nothing and
+        raises :class:`EarlierBatchFailed`.
+        """
         self._in_flight += 1
+        # admitted in call order, before the first await: the decode is pure and needs no I/O
+        plan = BatchPlan(records=len(records))
+        events, position = self._decode(records, plan)
+        mine = _Admitted(frozenset(_key_of(ev) for _, ev in events), asyncio.get_running_loop().create_future())
+        earlier, self._last_admitted = self._last_admitted, mine
+        ok = False
         try:
             report = BatchReport(records=len(records))
             m.BATCH_EVENTS.observe(len(records))
-            plan = await self._plan(records, report)
+            if earlier is not None and earlier.keys & mine.keys:
+                await earlier.wait()  # the same document in flight: resolve against its written state
+            await self._plan(plan, events, position, report)
+            if earlier is not None:
+                await earlier.wait()
             if plan.has_writes:
                 await self._retrying(lambda: self._write(plan), report)
             self._written(plan, report)
             await self._acknowledge(plan, report)
+            ok = True
             return report
         finally:
+            mine.done.set_result(ok)
+            if self._last_admitted is mine:
+                self._last_admitted = None
             self._in_flight -= 1
             self._last_busy = time.monotonic()
 
@@ -377,11 +416,11 @@ class IngestService:
 
     # --- plan: decide everything, write nothing --------------------------------------------------------------
 
-    async def _plan(self, records: Sequence[Record], report: BatchReport) -> BatchPlan:
-        """Decode, resolve against the registry, chunk, reuse or embed. Reads the store (each read retried,
-        like the writes, with ``report`` counting the retries) but never writes to it."""
+    def _decode(
+        self, records: Sequence[Record], plan: BatchPlan
+    ) -> tuple[list[tuple[Record, Event]], dict[tuple[str, int, int], int]]:
+        """Decode every record; the undecodable ones join the plan's rejected records."""
         cfg = self.settings.ingest
-        plan = BatchPlan(records=len(records))
         events: list[tuple[Record, Event]] = []
         position: dict[tuple[str, int, int], int] = {}
         for i, record in enumerate(records):
@@ -392,6 +431,17 @@ class IngestService:
                 events.append((record, decoded))
                 position[_coordinates(record)] = i
         plan.decoded = len(events)
+        return events, position
+
+    async def _plan(
+        self,
+        plan: BatchPlan,
+        events: list[tuple[Record, Event]],
+        position: dict[tuple[str, int, int], int],
+        report: BatchReport,
+    ) -> BatchPlan:
+        """Resolve the decoded events against the registry, chunk, reuse or embed. Reads the store (each read
+        retried, like the writes, with ``report`` counting the retries) but never writes to it."""
         if not events:
             return plan
 
@@ -469,13 +519,11 @@ class IngestService:
             return {}, {}
         texts = [c.text for _, c in wanted]
         lengths = [c.tokens for _, c in wanted]
-        started = time.perf_counter()
         try:
-            vecs = await self.embedder.encode(texts, lengths)
+            vecs = await self.embedder.encode(texts, lengths)  # the embedder observes the model's time
         except Exception:  # noqa: BLE001 - find the document(s) at fault, embed the rest
             log.exception("embedding a batch of %d chunks failed; isolating the documents at fault", len(texts))
             return await self._embed_isolating(wanted)
-        m.EMBED_BATCH_SECONDS.observe(time.perf_counter() - started)
         m.EMBED_TOKENS.inc(sum(lengths))
         return {(key, c.index): vecs[j] for j, (key, c) in enumerate(wanted)}, {}
 

@@ -313,6 +313,9 @@ class IngestSettings(BaseModel):
     max_batch_events: int = Field(default=256, ge=1)
     #: ... or fewer, once this long has passed since the batch's first event
     max_batch_wait_seconds: float = Field(default=0.5, gt=0)
+    #: batches handled at once: with 2 the next batch is decoded, chunked and queued for the model while the
+    #: current one embeds and writes (writes and acks stay in batch order); 1 handles one batch at a time
+    batches_in_flight: int = Field(default=2, ge=1, le=8)
     #: a message value larger than this is a dead letter, not a crash
     max_message_bytes: int = Field(default=1_000_000, ge=1024)
     #: a message value nested deeper than this is a dead letter (too_deep)

@@ -347,3 +347,61 @@ async def test_breaker_stops_a_model_that_embeds_nothing(settings, store, embedd
         await svc.handle(batch)
     assert [why.reason for _, why in svc.dead_letters.sent] == [R.EMBEDDING_FAILED] * 3
     assert await store.count() == 0
+
+
+# --- two batches in flight (the agent's ingest.batches_in_flight) ---------------------------------------------
+
+
+async def test_overlapping_batches_of_the_same_document_resolve_in_order(service, store):
+    """The second batch names a document the first is still writing: it plans on the first one's result, so the
+    older version in the later batch is ignored and the newer one of the first batch stays."""
+    import asyncio
+
+    first = asyncio.ensure_future(service.handle([rec(up("d", 2, long_text("v2", 40)))]))
+    second = asyncio.ensure_future(service.handle([rec(up("d", 1, "version one, late"))]))
+    r1, r2 = await asyncio.gather(first, second)
+    assert r1.indexed == 1 and r2.ignored == 1 and r2.indexed == 0
+    assert {h.payload[VERSION] for h in await chunks_of(store, "d")} == {2}
+
+
+async def test_overlapping_batches_write_and_finish_in_batch_order(service, store):
+    """Disjoint documents overlap (the second plans and embeds while the first writes), but the first batch's
+    writes are confirmed before the second's start, so acks never run ahead of a write."""
+    import asyncio
+
+    order = []
+    inner_write = store.inner.upsert_chunks
+
+    async def recording_upsert(points, *a, **kw):
+        order.append({p.payload[DOC] for p in points})
+        return await inner_write(points, *a, **kw)
+
+    store.inner.upsert_chunks = recording_upsert
+    first = asyncio.ensure_future(service.handle([rec(up("a", 1, long_text("a", 80)))]))
+    second = asyncio.ensure_future(service.handle([rec(up("b", 1, "short b"))]))
+    done_order = []
+    first.add_done_callback(lambda _: done_order.append("first"))
+    second.add_done_callback(lambda _: done_order.append("second"))
+    r1, r2 = await asyncio.gather(first, second)
+    assert r1.indexed == 1 and r2.indexed == 1
+    assert order and order[0] == {"a"} and order[-1] == {"b"}
+    assert done_order == ["first", "second"]
+
+
+async def test_a_batch_after_a_failed_one_writes_nothing(service, store):
+    """The first batch dies (a crash in its write): the one after it in flight is given back without writing."""
+    import asyncio
+
+    from pipeline.ingest import EarlierBatchFailed
+
+    store.fail["upsert_chunks"] = (Crash, 1)
+    first = asyncio.ensure_future(service.handle([rec(up("a", 1, "doc a"))]))
+    second = asyncio.ensure_future(service.handle([rec(up("b", 1, "doc b"))]))
+    with pytest.raises(Crash):
+        await first
+    with pytest.raises(EarlierBatchFailed):
+        await second
+    assert await chunks_of(store, "b") == []
+    # the service is usable again afterwards: nothing in flight is left behind
+    report = await service.handle([rec(up("b", 1, "doc b"))])
+    assert report.indexed == 1
