@@ -304,6 +304,9 @@ class _Admitted:
 
     keys: frozenset[DocKey]
     done: asyncio.Future[bool]
+    #: the documents of this batch and of every earlier batch still in flight when it was admitted: a batch
+    #: finishes only after its predecessor did, so waiting for this one waits for all of those
+    covers: frozenset[DocKey] = frozenset()
 
     async def wait(self) -> None:
         if not await asyncio.shield(self.done):
@@ -369,14 +372,19 @@ class IngestService:
         # admitted in call order, before the first await: the decode is pure and needs no I/O
         plan = BatchPlan(records=len(records))
         events, position = self._decode(records, plan)
-        mine = _Admitted(frozenset(_key_of(ev) for _, ev in events), asyncio.get_running_loop().create_future())
-        earlier, self._last_admitted = self._last_admitted, mine
+        keys = frozenset(_key_of(ev) for _, ev in events)
+        earlier = self._last_admitted
+        pending = earlier.covers if earlier is not None and not earlier.done.done() else frozenset()
+        mine = _Admitted(keys, asyncio.get_running_loop().create_future(), covers=keys | pending)
+        self._last_admitted = mine
         ok = False
         try:
             report = BatchReport(records=len(records))
             m.BATCH_EVENTS.observe(len(records))
-            if earlier is not None and earlier.keys & mine.keys:
-                await earlier.wait()  # the same document in flight: resolve against its written state
+            if earlier is not None and pending & keys:
+                # the same document in an earlier batch still in flight (not only the one just before: with
+                # batches_in_flight > 2 it may be two back): resolve against its written state
+                await earlier.wait()
             await self._plan(plan, events, position, report)
             if earlier is not None:
                 await earlier.wait()

@@ -388,6 +388,20 @@ async def test_overlapping_batches_write_and_finish_in_batch_order(service, stor
     assert done_order == ["first", "second"]
 
 
+async def test_three_in_flight_resolve_against_a_batch_two_back(service, store):
+    """With more than two batches in flight (ingest.batches_in_flight up to 8) the document may be two batches
+    back: the third batch names the first one's document, not the second's, and still plans on its result."""
+    import asyncio
+
+    first = asyncio.ensure_future(service.handle([rec(up("d", 2, long_text("v2", 40)))]))
+    second = asyncio.ensure_future(service.handle([rec(up("other", 1, long_text("o", 40)))]))
+    third = asyncio.ensure_future(service.handle([rec(up("d", 1, "version one, late"))]))
+    r1, r2, r3 = await asyncio.gather(first, second, third)
+    assert r1.indexed == 1 and r2.indexed == 1
+    assert r3.ignored == 1 and r3.indexed == 0
+    assert {h.payload[VERSION] for h in await chunks_of(store, "d")} == {2}
+
+
 async def test_a_batch_after_a_failed_one_writes_nothing(service, store):
     """The first batch dies (a crash in its write): the one after it in flight is given back without writing."""
     import asyncio
