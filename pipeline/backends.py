@@ -6,6 +6,7 @@ export's vectors with PyTorch fp32 ones on a calibration set and refuses a backe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -149,7 +150,10 @@ class _Tokenizing:
     """Tokenize as sentence-transformers does: pad to the batch's longest, truncate at max_seq_length."""
 
     def __init__(self, tokenizer: Any, max_seq_length: int, pooling: str) -> None:
-        self.tokenizer = tokenizer
+        # a copy of its own: a fast (Rust) tokenizer keeps its padding and truncation settings on the object and
+        # resets them on every call, so two threads calling one tokenizer with different settings (the chunker on
+        # the event loop, this backend on its lane, the other lane) corrupt each other's output (ragged arrays)
+        self.tokenizer = copy.deepcopy(tokenizer)
         self.max_seq_length = max_seq_length
         self.pooling = pooling
 
@@ -273,10 +277,14 @@ class OpenVinoBackend(_Tokenizing):
                 errors.append(exc)
 
         self._queue.set_callback(done)
-        for i, texts in enumerate(batches):
-            feed = self.tokenize(texts)
-            self._queue.start_async({k: feed[k] for k in self._names}, (i, feed["attention_mask"]))
-        self._queue.wait_all()
+        try:
+            for i, texts in enumerate(batches):
+                feed = self.tokenize(texts)
+                self._queue.start_async({k: feed[k] for k in self._names}, (i, feed["attention_mask"]))
+        finally:
+            # also when a batch failed before it started: requests already started must finish, or the queue stays
+            # busy and every later call fails ("Infer Request is busy")
+            self._queue.wait_all()
         if errors:
             raise errors[0]
         done_all = [o for o in out if o is not None]

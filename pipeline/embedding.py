@@ -9,6 +9,7 @@ own thread, so a question never waits behind an ingest batch that takes tens of 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -73,7 +74,9 @@ class Embedder:
         if max_seq_length is None:  # chunking needs it: a chunk must never be cut off silently
             raise ValueError(f"model {self.name!r} does not declare its maximum sequence length")
         self.max_seq_length: int = int(max_seq_length)
-        self.tokenizer = self.model.tokenizer
+        # the chunker and token counts run on the event loop while a lane embeds on its thread: they get a copy of
+        # their own (the backends each copy theirs too; see pipeline.backends._Tokenizing)
+        self.tokenizer = copy.deepcopy(self.model.tokenizer)
         self._special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._query_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-query")

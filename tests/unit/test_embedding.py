@@ -100,3 +100,50 @@ def test_a_small_input_is_spread_over_every_stream(embedder):
     embedder._encode_with(two, many, [200] * 2000)
     per_batch = embedder.batch_token_budget // (200 + embedder._special)
     assert max(two.calls[0]) == per_batch and len(two.calls[0]) == -(-2000 // per_batch)
+
+
+def test_chunking_while_both_lanes_embed_gives_the_same_vectors(embedder):
+    """With two ingest batches in flight the chunker tokenizes on the event loop while a lane embeds on its
+    thread (and the query lane on another). A fast tokenizer shared between them resets its padding and
+    truncation settings on every call, so their outputs get corrupted (ragged arrays, then an OpenVINO queue left
+    busy): each user must tokenize with its own copy, and every vector must equal the one computed alone."""
+    import threading
+
+    texts = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 7) for i in range(48)]
+    questions = [f"what does fox number {i} jump over?" for i in range(16)]
+    alone = embedder.encode_sync(texts)
+    alone_q = embedder.encode_query_sync(questions)
+    chunker = embedder.chunker()
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def chunk_forever() -> None:
+        try:
+            while not stop.is_set():
+                for t in texts:
+                    chunker.split(chunker.document_text("title", t * 20))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    def query_forever(out: list) -> None:
+        try:
+            for _ in range(5):
+                out.append(embedder.encode_query_sync(questions))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    chunking = threading.Thread(target=chunk_forever)
+    queried: list = []
+    querying = threading.Thread(target=query_forever, args=(queried,))
+    chunking.start()
+    querying.start()
+    try:
+        together = [embedder.encode_sync(texts) for _ in range(5)]
+    finally:
+        querying.join()
+        stop.set()
+        chunking.join()
+    assert not failures, failures
+    for vectors in together:
+        assert np.allclose(vectors, alone, atol=1e-5)
+    assert queried and all(np.allclose(q, alone_q, atol=1e-5) for q in queried)
