@@ -151,6 +151,10 @@ class _Slot:
         self.waiters = 0
 
 
+#: how many more hits than asked a sparse or hybrid search fetches, so ties at the cut-off are ordered by id
+_TIE_MARGIN = 10
+
+
 class MicroBatcher:
     """Query texts into vectors: embedded at once when the model is idle, batched while it is busy.
 
@@ -459,13 +463,14 @@ class QueryService:
         req = job.request
         hits: list[Hit] = []
         vector: np.ndarray | None = None
+        dense: np.ndarray | None = None
         try:
             remaining = req.deadline_ms / 1000 - self._clock()
             try:
                 async with asyncio.timeout(max(remaining, 0)):
                     async with self._slots:
                         if job.mode != "dense":
-                            hits = await self._search_terms(job)
+                            hits, dense = await self._search_terms(job)
                         else:
                             vector, started = await self._batcher.embed_timed(req.query)
                             self._queue_wait(job, started)
@@ -514,13 +519,17 @@ class QueryService:
             reply.value  # noqa: B018 - encoded here, once, to time it apart from the produce
             _stage("encode", encoding)
         await self.send(reply)
-        if reply.ok and vector is not None and not (req.search and req.search.exact):
-            self._maybe_sample_recall(vector, job, hits)
+        if reply.ok and not (req.search and req.search.exact):
+            if vector is not None:
+                self._maybe_sample_recall(vector, job, hits)
+            elif dense is not None:  # hybrid: the sample runs the dense HNSW walk itself
+                self._maybe_sample_recall(dense, job, None)
         return reply
 
-    async def _search_terms(self, job: Admitted) -> list[Hit]:
+    async def _search_terms(self, job: Admitted) -> tuple[list[Hit], np.ndarray | None]:
         """A sparse or hybrid search: ONE store call, whose filter (tenant AND access AND the caller's) every
-        prefetch runs under, fused in the engine; the query's terms are tokenized as the collection's were."""
+        prefetch runs under, fused in the engine; the query's terms are tokenized as the collection's were.
+        Returns the hits and a hybrid query's dense vector (for the recall sample)."""
         req = job.request
         record = self.store.sparse_record
         if record is None:  # admitted against a collection that has since been reopened without sparse vectors
@@ -528,10 +537,12 @@ class QueryService:
         if self._sparse is None or self._sparse.record() != record:
             self._sparse = SparseEncoder.from_record(record)
         vector: list[float] | None = None
+        dense: np.ndarray | None = None
         if job.mode == "hybrid":
             embedded, started = await self._batcher.embed_timed(req.query)
             self._queue_wait(job, started)
             _stage("embed", started)
+            dense = embedded
             vector = embedded.tolist()
         else:
             self._queue_wait(job, time.monotonic())
@@ -541,23 +552,28 @@ class QueryService:
         hybrid = HybridParams(fusion=job.fusion, rrf_k=cfg.rrf_k, prefetch_limit=cfg.prefetch_limit)
         exact = bool(req.search and req.search.exact)
 
-        def search(exact: bool) -> Awaitable[list[Hit]]:
-            return self.store.query(
+        async def search(exact: bool) -> list[Hit]:
+            # a few more than asked, ordered by (score, id) and cut to top_k: fused (and BM25) scores tie often
+            # (RRF gives two chunks at swapped ranks the same score) and the engine's order among ties is not
+            # stable, so without this a replayed request could get another chunk at the cut-off. This orders the
+            # engine's fused result; it filters and fuses nothing.
+            found = await self.store.query(
                 mode=job.mode,
                 vector=vector,
                 sparse=terms,
                 flt=job.flt,
-                limit=req.top_k,
+                limit=req.top_k + _TIE_MARGIN,
                 hybrid=hybrid,
                 hnsw_ef=job.hnsw_ef,
                 exact=exact,
             )
+            return sorted(found, key=lambda h: (-h.score, h.id))[: req.top_k]
 
         hits = await search(exact)
         if job.mode == "hybrid" and not exact and len(hits) < req.top_k:
             hits = await search(True)  # as for dense: a narrow filter can starve filtered HNSW (see run)
         _stage("search", searching)  # a sparse or hybrid query's tokenizing is part of its search
-        return hits
+        return hits, dense
 
     @staticmethod
     def _queue_wait(job: Admitted, started: float) -> None:
@@ -622,17 +638,32 @@ class QueryService:
 
     # --- online recall ----------------------------------------------------------------------------------------
 
-    def _maybe_sample_recall(self, vector: np.ndarray, job: Admitted, hits: list[Hit]) -> None:
+    def _maybe_sample_recall(self, vector: np.ndarray, job: Admitted, hits: list[Hit] | None) -> None:
+        """Now and then (``query.recall_sample_rate``) compare a served HNSW search with the exact one. ``hits``
+        are the dense search's hits; None for a hybrid query, whose sample runs the dense HNSW walk (its dense
+        prefetch) itself, at the request's ef."""
         if self.cfg.recall_sample_rate <= 0 or self._rng() >= self.cfg.recall_sample_rate:
             return
         if self._sampling is not None and not self._sampling.done():
             return  # one exact re-run at a time: sampling must never compete with serving
         self._sampling = asyncio.get_running_loop().create_task(
-            self._sample_recall(vector, job.flt, job.request.top_k, {h.id for h in hits}), name="query-recall-sample"
+            self._sample_recall(
+                vector,
+                job.flt,
+                job.request.top_k,
+                None if hits is None else {h.id for h in hits},
+                hnsw_ef=job.hnsw_ef,
+            ),
+            name="query-recall-sample",
         )
 
-    async def _sample_recall(self, vector: np.ndarray, flt: Filter, limit: int, found: set[str]) -> None:
+    async def _sample_recall(
+        self, vector: np.ndarray, flt: Filter, limit: int, found: set[str] | None, *, hnsw_ef: int | None = None
+    ) -> None:
         try:
+            if found is None:
+                walked = await self.store.search(vector.tolist(), flt=flt, limit=limit, hnsw_ef=hnsw_ef)
+                found = {h.id for h in walked}
             exact = await self.store.search(vector.tolist(), flt=flt, limit=limit, exact=True)
         except Exception:  # noqa: BLE001 - a missed sample is harmless
             log.debug("recall sample failed", exc_info=True)
