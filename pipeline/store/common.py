@@ -80,3 +80,17 @@ def match_any_values(values: tuple[str | int, ...]) -> list[str] | list[int]:
     if len(integers) == len(values):
         return integers
     raise ValueError(f"a match-any condition takes only strings or only integers, not both: {values!r}")
+
+
+def check_sparse_query(mode: str, vector: object, sparse: object, *, has_sparse: bool, collection: str) -> None:
+    """What both Qdrant adapters check before a sparse or hybrid search: the collection has sparse vectors
+    (ModeUnsupportedError, the caller's error reply, otherwise) and the call carries the vectors the mode needs."""
+    from pipeline.errors import ModeUnsupportedError
+
+    if not has_sparse:
+        raise ModeUnsupportedError(
+            f"collection {collection!r} has no sparse vectors (it is dense-only or was made before them): "
+            f"it serves mode 'dense' only, not {mode!r}"
+        )
+    if sparse is None or (mode == "hybrid" and vector is None):
+        raise ValueError(f"a {mode} search needs {'both vectors' if mode == 'hybrid' else 'a sparse vector'}")

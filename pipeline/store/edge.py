@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import numpy as np
 import qdrant_edge as qe
 
-from pipeline.errors import ModelMismatchError, ModeUnsupportedError, StoreUnavailableError, VectorstreamError
+from pipeline.errors import ModelMismatchError, StoreUnavailableError, VectorstreamError
 from pipeline.store.base import (
     ACL_GROUPS,
     ACL_PUBLIC,
@@ -52,6 +52,7 @@ from pipeline.store.base import (
 from pipeline.store.common import (
     SCROLL_PAGE,
     as_floats,
+    check_sparse_query,
     dense_floats,
     doc_chunks_filter,
     hnsw_from_settings,
@@ -441,13 +442,8 @@ class EdgeStore(VectorStore):
             return await super().query(
                 mode=mode, vector=vector, sparse=sparse, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact
             )
-        if self._sparse is None:
-            raise ModeUnsupportedError(
-                f"collection {self._collection!r} has no sparse vectors (it is dense-only or was made before them): "
-                f"it serves mode 'dense' only, not {mode!r}"
-            )
-        if sparse is None or (mode == "hybrid" and vector is None):
-            raise ValueError(f"a {mode} search needs {'both vectors' if mode == 'hybrid' else 'a sparse vector'}")
+        check_sparse_query(mode, vector, sparse, has_sparse=self._sparse is not None, collection=self._collection)
+        assert sparse is not None  # checked above
         edge_flt = _edge_filter(flt)
         by_terms = qe.Query.Nearest(_edge_sparse(sparse), using=SPARSE_VECTOR)
         if mode == "sparse":

@@ -23,7 +23,6 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from pipeline.errors import (
     ConfigurationError,
     ModelMismatchError,
-    ModeUnsupportedError,
     StoreUnavailableError,
     VectorstreamError,
 )
@@ -58,6 +57,7 @@ from pipeline.store.base import (
 from pipeline.store.common import (
     SCROLL_PAGE,
     as_floats,
+    check_sparse_query,
     dense_floats,
     doc_chunks_filter,
     hnsw_from_settings,
@@ -516,13 +516,8 @@ class QdrantStore(VectorStore):
             return await super().query(
                 mode=mode, vector=vector, sparse=sparse, flt=flt, limit=limit, hnsw_ef=hnsw_ef, exact=exact
             )
-        if self._sparse is None:
-            raise ModeUnsupportedError(
-                f"collection {self._collection!r} has no sparse vectors (it is dense-only or was made before them): "
-                f"it serves mode 'dense' only, not {mode!r}"
-            )
-        if sparse is None or (mode == "hybrid" and vector is None):
-            raise ValueError(f"a {mode} search needs {'both vectors' if mode == 'hybrid' else 'a sparse vector'}")
+        check_sparse_query(mode, vector, sparse, has_sparse=self._sparse is not None, collection=self._collection)
+        assert sparse is not None  # checked above
         qflt = _qdrant_filter(flt)
         terms = _qdrant_sparse(sparse)
         if mode == "sparse":
