@@ -32,6 +32,12 @@ from schemas.queries import (
     reply_topic_for,
 )
 
+#: how long the broker may hold a reply reader's fetch when there is nothing to read. It adds no latency: a
+#: waiting fetch is answered as soon as a reply arrives (fetch.min.bytes 1). It sets how often an idle reader
+#: asks: a reader per tenant at 20 ms each, as before, made a client listening on 50 tenants send 2,500 fetches
+#: a second, which took half a core of the client and 40 % of one of the broker at one query in flight.
+REPLY_FETCH_MAX_WAIT_MS = 500
+
 
 class DocumentPublisher:
     """Publishes document events keyed ``tenant_id/doc_id``, so one document's events stay in order."""
@@ -190,7 +196,7 @@ class QueryClient:
                 self._target,  # bootstrap servers, TLS and SASL as configured
                 group_id=None,
                 enable_auto_commit=False,
-                fetch_max_wait_ms=20,
+                fetch_max_wait_ms=REPLY_FETCH_MAX_WAIT_MS,
                 **self._options,
             )
             await start_client(reader, self._target)
