@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -168,6 +169,12 @@ def run_worker(
                 hook()
             super()._schedule_shutdown(signal)
 
+    # Everything loaded so far (torch, transformers, the model, faust, about half a million tracked objects)
+    # lives as long as the process. Left in the collector's oldest generation, every full collection walks
+    # all of it: 0.2-0.5 s measured here, a stall of the event loop that one query in the queue pays for.
+    # Frozen, a full collection walks only what was made after start-up.
+    gc.collect()
+    gc.freeze()
     worker = Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, override_logging=False)
     try:
         worker.execute_from_commandline()
