@@ -463,7 +463,11 @@ def layout_experiments(
     variants: list[tuple[str, dict[str, Any], int]] = [
         ("2 streams x 1 thread (today's ingest layout), budget 16384", {}, 16384),
         ("2 streams x 1 thread, pinned to cores", {"overrides": {"ENABLE_CPU_PINNING": True}}, 16384),
-        ("1 stream x 2 threads (latency hint)", {"latency": True}, 16384),
+        (
+            "1 stream x 2 threads (latency hint)",
+            {"overrides": {"NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}},
+            16384,
+        ),
         ("attention not fused (SNIPPETS_MODE=DISABLE)", {"overrides": {"SNIPPETS_MODE": "DISABLE"}}, 16384),
         (
             "bf16 for the ops int8 leaves (precision hint bf16)",

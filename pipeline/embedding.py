@@ -132,6 +132,9 @@ class Embedder:
     def _encode_with(self, backend: Backend, texts: Sequence[str], lengths: Sequence[int] | None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if lengths is None and getattr(backend, "latency", False):
+            # the query lane's backend shapes its batches itself (pipeline.backends.shaped_batches): no count
+            return backend.encode_batch(list(texts))
         if lengths is None:
             lengths = self.count_tokens(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -172,8 +175,15 @@ class Embedder:
         return await loop.run_in_executor(self._query_executor, self.encode_query_sync, list(texts))
 
     def warm_query_lane(self) -> None:
-        """Make the query lane's backend now (a compile), so the first question does not pay for it."""
+        """Make the query lane's backend now (a compile), and compile the shapes questions take (OpenVINO), so
+        neither the first question nor the first of each length pays for it."""
         self.encode_query_sync(["warm up"])
+        warm = getattr(self._query_backend, "warm", None)
+        if warm is not None:
+            started = time.perf_counter()
+            shapes = warm(self.settings.query.max_batch)
+            if shapes:
+                log.info("query lane: %d input shapes compiled in %.1f s", shapes, time.perf_counter() - started)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

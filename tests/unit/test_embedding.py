@@ -147,3 +147,68 @@ def test_chunking_while_both_lanes_embed_gives_the_same_vectors(embedder):
     for vectors in together:
         assert np.allclose(vectors, alone, atol=1e-5)
     assert queried and all(np.allclose(q, alone_q, atol=1e-5) for q in queried)
+
+
+# --- the query lane's shapes (pipeline.backends.shaped_batches, bucket_length) ---------------------------------
+
+
+@given(lengths=st.lists(st.integers(min_value=1, max_value=256), max_size=100), streams=st.integers(1, 4))
+def test_shaped_batches_cover_every_index_once_in_power_of_two_groups(lengths, streams):
+    from pipeline.backends import shaped_batches
+
+    groups = shaped_batches(lengths, streams)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(len(g) & (len(g) - 1) == 0 for g in groups)  # 1, 2, 4, 8, ...
+    # a share per stream, each split into at most log2(n)+1 groups: the shapes stay few
+    per_share = -(-len(lengths) // streams) if lengths else 0
+    assert len(groups) <= streams * max(1, per_share.bit_length())
+
+
+def test_shaped_batches_put_the_longest_texts_together_and_spread_them_over_the_streams():
+    from pipeline.backends import shaped_batches
+
+    lengths = [5, 60, 6, 50, 7, 40, 8, 30, 9, 20, 10, 15, 11]
+    one = shaped_batches(lengths)
+    assert [len(g) for g in one] == [8, 4, 1]
+    assert set(one[0]) == {1, 3, 5, 7, 9, 11, 12, 10}  # the 8 longest, so the 5-token ones do not pad to 60
+    two = shaped_batches(lengths, 2)
+    # two shares of 7 and 6 texts (4+2+1 and 4+2), interleaved: each stream takes a group of about equal work
+    assert [len(g) for g in two] == [4, 4, 2, 2, 1]
+    assert 1 in two[0] and 3 in two[1]  # the two longest lead different streams
+
+
+@given(n=st.integers(min_value=1, max_value=512))
+def test_bucket_length_pads_up_to_few_lengths_within_the_model_limit(n):
+    from pipeline.backends import bucket_length
+
+    padded = bucket_length(n, 256)
+    assert padded >= min(n, 256) and padded <= 256
+    assert padded - n < (8 if n <= 64 else 16 if n <= 128 else 32) or padded == 256
+    assert len({bucket_length(k, 256) for k in range(1, 65)}) == 8  # questions: 8 lengths cover up to 64 tokens
+
+
+def test_query_lane_batches_of_every_size_give_the_vectors_of_each_text_alone(embedder):
+    """Shaped (padded to a bucket, split into power-of-two groups over the streams), a batch of questions of
+    mixed lengths gives each question the vector it gets alone and on the ingest lane: the padding is masked."""
+    questions = [("what is " + "very " * (i % 23) + f"question {i}?") for i in range(29)]
+    alone = np.concatenate([embedder.encode_query_sync([q]) for q in questions])
+    ingest = embedder.encode_sync(questions)
+    assert float((alone * ingest).sum(axis=1).min()) > 0.9999
+    for size in (2, 3, 13, 29):
+        batch = embedder.encode_query_sync(questions[:size])
+        assert batch.shape == (size, embedder.dim)
+        assert float((batch * alone[:size]).sum(axis=1).min()) > 0.9999
+
+
+def test_warming_the_query_lane_compiles_its_shapes(embedder):
+    from pipeline.backends import OpenVinoBackend
+
+    embedder.warm_query_lane()
+    backend = embedder._query_backend
+    if not isinstance(backend, OpenVinoBackend):
+        import pytest
+
+        pytest.skip(f"the query lane runs on {embedder.backend_label}: only OpenVINO compiles per shape")
+    # every batch size up to query.max_batch (powers of two) at each of the 8 lengths up to 64 tokens
+    sizes = len([s for s in (1, 2, 4, 8, 16, 32, 64) if s <= embedder.settings.query.max_batch])
+    assert backend.warm(embedder.settings.query.max_batch) == sizes * 8
