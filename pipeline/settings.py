@@ -262,6 +262,10 @@ class StoreSettings(BaseModel):
     #: Qdrant Edge: threads that run searches, apart from the one thread of writes and index builds (a search
     #: then never waits behind an upsert or an index build; Edge releases the GIL while it searches)
     edge_search_threads: int = Field(default=2, ge=1, le=64)
+    #: Qdrant Edge: the threads of each shard's own pool, which reads a search's segments in parallel (0: Edge
+    #: derives the count from the CPUs: 8 a shard on 2 cores, idle ones yielding the CPU in a loop). 2 serve the 2
+    #: searches edge_search_threads runs at once
+    edge_shard_threads: int = Field(default=2, ge=0, le=64)
     #: payload indexes for metadata fields that callers filter on, created at start-up: "field:type,..." with
     #: type keyword, integer, float or bool (e.g. "lang:keyword,year:integer,tags:keyword"; a list-valued field
     #: takes its elements' type). A filter on an undeclared field still works, but is slower

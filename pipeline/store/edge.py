@@ -130,9 +130,12 @@ class EdgeStore(VectorStore):
         flush_writes: bool = True,
         metadata_indexes: Mapping[str, str] | None = None,
         search_threads: int = 2,
+        shard_threads: int = 0,
     ) -> None:
         self._root = Path(root)
         self._search_threads = max(1, search_threads)
+        #: Edge's own per-shard reader pool (EdgeConfig.max_search_threads); None: derived from the CPUs
+        self._shard_threads = shard_threads or None
         self._search_executor: ThreadPoolExecutor | None = None
         #: metadata key -> declared index type (store.metadata_indexes)
         self._metadata_indexes = dict(metadata_indexes or {})
@@ -159,6 +162,7 @@ class EdgeStore(VectorStore):
             layout=layout_from_settings(settings),
             metadata_indexes=settings.metadata_index_map,
             search_threads=settings.edge_search_threads,
+            shard_threads=settings.edge_shard_threads,
         )
 
     @property
@@ -212,7 +216,7 @@ class EdgeStore(VectorStore):
             check_meta(meta, model=model, dim=dim, collection=self._collection, remedy=self._remedy())
             resolve_sparse(meta, sparse, collection=self._collection, remedy=self._remedy())
             return self._info_sync()
-        registry = _load_or_create(self.registry_path, _registry_config())
+        registry = _load_or_create(self.registry_path, _registry_config(self._shard_threads))
         chunks: qe.EdgeShard | None = None
         try:
             stored = _retrieve_payload(registry, META_POINT_ID)
@@ -299,6 +303,7 @@ class EdgeStore(VectorStore):
             ),
             # Edge has no background optimizer: build_index() runs it, and it indexes every segment above this size
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=kb, max_segment_size=layout.max_segment_size_kb),
+            max_search_threads=self._shard_threads,
         )
 
     def _info_sync(self) -> StoreInfo:
@@ -546,8 +551,11 @@ def _load_or_create(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
     return qe.EdgeShard.create(str(path), config)
 
 
-def _registry_config() -> qe.EdgeConfig:
-    return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=len(REGISTRY_VECTOR), distance=qe.Distance.Dot))
+def _registry_config(shard_threads: int | None = None) -> qe.EdgeConfig:
+    return qe.EdgeConfig(
+        vectors=qe.EdgeVectorParams(size=len(REGISTRY_VECTOR), distance=qe.Distance.Dot),
+        max_search_threads=shard_threads,
+    )
 
 
 def _edge_fusion(hybrid: HybridParams) -> Any:
