@@ -159,6 +159,9 @@ def random_principal(rng: random.Random, tenants: int = TENANTS) -> tuple[str, s
 CALLER_FILTER = {"must": [{"key": "year", "range": {"gte": 2010}}], "must_not": [{"key": "lang", "match": "fr"}]}
 
 
+#: queries sent under load (16 in flight) after the worker answers and before the first timed row
+WARM_UP_QUERIES = 1500
+
 #: the stores the benchmark can load and serve
 STORES = ("edge", "pgvector")
 STORE_LABELS = {"edge": "Qdrant Edge", "pgvector": "PostgreSQL + pgvector"}
@@ -379,18 +382,19 @@ def embed_floor(embedder: Any, texts: list[str], n: int = 200) -> dict[str, Any]
 async def kafka_echo_floor(bootstrap: str, n: int = 300) -> dict[str, Any]:
     """An empty request/reply round trip through the same broker: the requester produces to a scratch request
     topic and reads a scratch reply topic with the query client's settings (producer linger 0 and
-    ``send_and_wait``; a group-less reader with fetch_max_wait 20 ms, ``getmany(timeout_ms=200)``); an echo
+    ``send_and_wait``; a group-less reader with the client's fetch_max_wait, ``getmany(timeout_ms=200)``); an echo
     task reads the request topic the same way and produces each record back with ``send_and_wait``. All
     four clients are built by pipeline/kafka.py."""
     from aiokafka import TopicPartition
 
+    from pipeline.client import REPLY_FETCH_MAX_WAIT_MS
     from pipeline.kafka import consumer, create_topics, producer, start_client
     from pipeline.recall import percentile
 
     run_id = uuid.uuid4().hex[:8]
     req_topic, rep_topic = f"bench-echo-req-{run_id}", f"bench-echo-rep-{run_id}"
     await create_topics(bootstrap, {req_topic: 1, rep_topic: 1})
-    reader_options = {"group_id": None, "enable_auto_commit": False, "fetch_max_wait_ms": 20}
+    reader_options = {"group_id": None, "enable_auto_commit": False, "fetch_max_wait_ms": REPLY_FETCH_MAX_WAIT_MS}
 
     async def reader_at_end(topic: str) -> Any:
         c = consumer(bootstrap, **reader_options)
@@ -703,6 +707,22 @@ def serve_rows(
     try:
         worker.wait_for(lambda: worker.metrics() is not None, 180, "the worker's /metrics")
         asyncio.run(warm_up(broker.bootstrap_servers, bench_settings, texts))
+        # then a burst under load, not timed: a broker just started spends the first thousand requests or so in
+        # its JIT compiler (seen here: the JVM's C2 thread at a quarter of a core during the first 16-in-flight
+        # row), which is not what a long-running cluster does, and the worker's first batches warm its caches
+        say(f"{STORE_LABELS[store]}: {WARM_UP_QUERIES} queries at 16 in flight, not timed (warm-up)")
+        asyncio.run(
+            latency(
+                broker.bootstrap_servers,
+                bench_settings,
+                texts,
+                n=WARM_UP_QUERIES,
+                in_flight=16,
+                caller_filter=False,
+                tenants=tenants,
+                mode=None,
+            )
+        )
         for mode in modes:
             if store == "pgvector" and mode not in (None, "dense"):
                 # pgvector keeps dense vectors only and answers sparse/hybrid with a mode_unsupported error reply
@@ -855,6 +875,7 @@ def run(
         "latency": [],
         "worker_backend": {},
         "default_ef": settings.store.hnsw_ef,
+        "warm_up_queries": WARM_UP_QUERIES,
         "postgres_settings": PG_SERVER_SETTINGS if "pgvector" in stores else None,
         "modes": modes,
         "mode_field": has_modes,
@@ -1276,7 +1297,9 @@ def write(
         f"({results['default_ef']}). Every search carries the tenant and access filter; rows marked `+ caller` "
         f"also carry the caller filter `{json.dumps(CALLER_FILTER)}`. {n} queries per row, at most `in flight` "
         "of them outstanding at once. Latency is the client's: from producing the request to reading its reply "
-        "(`QueryClient.request`); worker columns are the reply's `took_ms` (arrival to reply ready).",
+        "(`QueryClient.request`); worker columns are the reply's `took_ms` (arrival to reply ready). Before the "
+        f"first row each worker answers {results.get('warm_up_queries', 0)} queries at 16 in flight, not timed "
+        "(the broker's JIT and the worker's first batches).",
         f"* **Recall.** The recall command's measurement (`pipeline.recall.measure`) on each store, in-process "
         f"before its worker started: {recall_n} real query texts, random callers as above; each query runs "
         "exactly for the truth, then with HNSW at each ef. Latency there is the store's search call "
