@@ -550,6 +550,7 @@ def load_backend(
     min_cosine: float = 0.99,
     force: bool = False,
     latency: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[Backend, dict[str, Any]]:
     """The named backend, exported on first use and cached; returns it with its quality record.
 
@@ -570,7 +571,7 @@ def load_backend(
     max_len = int(st_model.max_seq_length)
     if not (folder / "quality.json").is_file():
         _export(name, st_model, folder, cache, model_name, model_path, isa, max_len)
-    backend = _open(name, folder, st_model.tokenizer, max_len, pooling, threads, isa, latency)
+    backend = _open(name, folder, st_model.tokenizer, max_len, pooling, threads, isa, latency, overrides)
     quality_path = folder / "quality.json"
     quality = json.loads(quality_path.read_text())
     if "mean_cosine" not in quality:
@@ -591,13 +592,23 @@ def load_backend(
 
 
 def _open(
-    name: str, folder: Path, tokenizer: Any, max_len: int, pooling: str, threads: int, isa: str, latency: bool = False
+    name: str,
+    folder: Path,
+    tokenizer: Any,
+    max_len: int,
+    pooling: str,
+    threads: int,
+    isa: str,
+    latency: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> Backend:
     if name.startswith("onnx"):
         label = "ONNX Runtime int8 (" + isa + ")" if name == "onnx-int8" else "ONNX Runtime fp32"
         return OnnxBackend(folder / "model.onnx", tokenizer, max_len, pooling, threads, label)
     label = "OpenVINO int8 (" + isa + ")" if name == "openvino-int8" else "OpenVINO fp32"
-    return OpenVinoBackend(folder / "model.xml", tokenizer, max_len, pooling, threads, label, latency=latency)
+    return OpenVinoBackend(
+        folder / "model.xml", tokenizer, max_len, pooling, threads, label, latency=latency, overrides=overrides
+    )
 
 
 def _export(

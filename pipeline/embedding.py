@@ -127,6 +127,15 @@ class Embedder:
             min_cosine=cfg.min_mean_cosine,
             force=cfg.force_backend,
             latency=latency,
+            # the query lane's OpenVINO streams: one per thread unless model.query_streams says otherwise
+            overrides=(
+                {
+                    "NUM_STREAMS": cfg.query_streams,
+                    **({"PERFORMANCE_HINT": "LATENCY"} if cfg.query_streams == 1 else {}),
+                }
+                if latency and cfg.query_streams
+                else None
+            ),
         )
 
     def _encode_with(self, backend: Backend, texts: Sequence[str], lengths: Sequence[int] | None) -> np.ndarray:

@@ -127,6 +127,9 @@ class ModelSettings(BaseModel):
     force_backend: bool = False
     #: intra-op threads for embedding (every backend); 0 means one per core
     threads: int = Field(default=0, ge=0)
+    #: OpenVINO streams of the query lane, sharing `threads`: 0 one per thread (a lone question on one thread,
+    #: a batch spread over all), 1 one stream on every thread
+    query_streams: int = Field(default=0, ge=0, le=64)
     #: padded tokens per embedding batch (batch size x longest sequence)
     batch_token_budget: int = Field(default=16384, ge=256)
     #: chunk length in tokens (capped by the model's max_seq_length less its special tokens)
