@@ -361,6 +361,9 @@ def embed_floor(embedder: Any, texts: list[str], n: int = 200) -> dict[str, Any]
     from pipeline.recall import percentile
 
     encode = getattr(embedder, "encode_query_sync", None) or embedder.encode_sync
+    warm = getattr(embedder, "warm_query_lane", None)
+    if warm is not None:  # as the worker does at start-up (the lane's backend, and its shapes where it has them)
+        warm()
     for text in texts[:10]:  # warm-up: the query lane's backend is made on first use
         encode([text])
     took = []
