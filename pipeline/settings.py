@@ -60,6 +60,10 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_seconds: float = Field(default=2.0, gt=0)
     #: how often acked offsets are committed; a crash replays at most this much already-written work
     commit_interval_seconds: float = Field(default=1.0, gt=0)
+    #: how long the broker may hold the worker's fetch when there is nothing new. A fetch that is waiting on the
+    #: idle documents topic also holds back the queries topic's next records (aiokafka sends a node one fetch at
+    #: a time), so this bounds how long a query can wait unseen under load; faust's own value is 1,500 ms
+    consumer_fetch_max_wait_ms: int = Field(default=100, ge=1, le=30_000)
     #: partitions used when the worker has to create a topic itself
     partitions: int = Field(default=4, ge=1)
     #: replication factor of the topics the worker creates

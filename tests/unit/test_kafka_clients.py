@@ -276,3 +276,23 @@ async def test_no_reachable_bootstrap_server_is_one_error_naming_the_setting() -
         f"nothing listens on 127.0.0.1:{ports[0]}: fix kafka.bootstrap_servers "
         "(and the other 1 bootstrap servers failed too)"
     )
+
+
+async def test_the_worker_consumer_waits_at_most_kafka_consumer_fetch_max_wait_ms(tmp_path):
+    """faust fixes its worker consumer's fetch wait at 1,500 ms; a fetch held that long on the idle documents
+    topic holds back the queries topic too. The app factory gives the consumer faust makes the configured
+    wait, per app, and leaves faust's factory working for other apps."""
+    from agents.app import make_app
+    from pipeline.settings import Settings
+
+    short = make_app(Settings(_env_file=None, data_dir=tmp_path / "a", kafka={"consumer_fetch_max_wait_ms": 77}))
+    default = make_app(Settings(_env_file=None, data_dir=tmp_path / "b", kafka={"group_id": "other"}))
+    made = []
+    try:
+        for app in (short, default):
+            made.append(app.consumer._thread._create_worker_consumer(app.transport))
+        assert made[0]._fetch_max_wait_ms == 77
+        assert made[1]._fetch_max_wait_ms == Settings(_env_file=None).kafka.consumer_fetch_max_wait_ms == 100
+    finally:
+        for consumer in made:
+            await consumer.stop()
