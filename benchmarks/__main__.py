@@ -34,11 +34,15 @@ TRIED = {
     "sparse_ingest": "the first end-to-end row of a run is the slowest whatever its variant (edge 118.2 vs "
     "edge-2 135.1 chunks/s, the same settings): round 2 compares like with like.",
     "query_serving": "see the stage break-down in query_latency.md: at 1 in flight the worker's embed stage "
-    "(p50 5.1 ms) and search stage (3.3 ms) are 1.6x and 2.8x the same calls alone (3.2 and 1.2 ms), the model "
-    "and the Edge search sharing two cores with the broker, the client and the event loop; from 4 in flight the "
-    "time is the embedding itself (its cost grows with the tokens of a batch, so batching questions saves "
-    "little) and the wait for it. Tried: no batching window, identical questions embedded once, a vector cache, "
-    "searches on their own threads, the search request built off the loop, linger 0 (docs/query-serving.md).",
+    "(p50 6.6 ms) is 1.8x the same call alone (3.7 ms), which is timed back to back: in one process a question "
+    "every 20 ms took p50 5.7-6.6 ms against 4.3-4.4 back to back; the search stage (3.2 ms) is 1.7x its floor "
+    "(1.9 ms). At 16 in flight the two cores are "
+    "full: worker, broker and benchmark client together use about 16 ms of CPU a query against the 10 ms "
+    "that 200 a second allow (per-thread CPU in docs/query-serving.md); the embedding alone needs about 2.3 ms "
+    "of it and the search 1.6 ms. Tried: no batching window, identical questions embedded once, a vector cache, "
+    "searches on their own threads, linger 0; then the client's reply readers long-polling, the query lane in "
+    "fixed shapes compiled at start-up on one thread per stream, Edge's reader pool at 2 threads, the start-up "
+    "objects frozen out of the collector, the worker's fetch wait at 100 ms (docs/query-serving.md).",
     "roofline": "see operator_profile.md for where the chosen backend's time goes.",
     "mean_cosine": "int8 variants are checked by the quality guard; a lower one is refused unless forced.",
     "ndcg": "see mean cosine.",
