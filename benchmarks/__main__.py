@@ -252,7 +252,8 @@ def summary_rows() -> list[list[str]]:
         )
         from benchmarks.query_latency import targets as query_targets
 
-        for measure, figure, _floor, goal, met in query_targets(latency) if "edge" in latency.get("stores", {}) else []:
+        edge_targets = query_targets(latency) if "edge" in latency.get("stores", {}) else []
+        for measure, figure, _floor, goal, met, _why in edge_targets:
             rows.append(
                 _row(
                     f"query serving (issue {'14' if 'hybrid' in measure else '15'}), Qdrant Edge: {measure}",
