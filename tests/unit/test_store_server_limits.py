@@ -26,7 +26,7 @@ CLIENT_SIDE = {"timeout_seconds", "index_idle_seconds", "index_max_unindexed_poi
 #: numeric store settings of the pgvector backend only (PostgreSQL validates its own GUCs)
 PGVECTOR_ONLY = {"pgvector_max_scan_tuples", "postgres_pool_size"}
 #: numeric store settings of the Qdrant Edge backend only (in-process: no server sees them)
-EDGE_ONLY = {"edge_search_threads"}
+EDGE_ONLY = {"edge_search_threads", "edge_shard_threads"}
 
 
 def _numeric_fields() -> set[str]:
