@@ -2,8 +2,10 @@
 
 Texts are sorted by length so a batch pads little, and encoding runs in a worker thread on the backend chosen
 in settings (PyTorch, ONNX Runtime or OpenVINO, see ``pipeline.backends``) so the event loop keeps going.
-Queries get a lane of their own (``encode_query``): a second instance of the backend tuned for latency, on its
-own thread, so a question never waits behind an ingest batch that takes tens of seconds to embed.
+Queries get a lane of their own (``encode_query``): a second instance of the backend, on its own thread, so a
+question never waits behind an ingest batch that takes tens of seconds to embed. On OpenVINO that instance
+runs questions in a few fixed shapes compiled at start-up, over one stream per thread
+(``pipeline.backends.shaped_batches``, ``model.query_streams``).
 """
 
 from __future__ import annotations
